@@ -1,0 +1,65 @@
+"""`db3kd train-teacher` and `db3kd train-student`: supervised training to a run directory."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_data_args, add_teacher_args, teacher_options
+
+
+def register(subparsers) -> None:
+    teacher = subparsers.add_parser("train-teacher", help="train a classifier on a dataset's labels",
+                                    description="Train a network with cross-entropy; write model.pt, model.onnx, metrics.json.")
+    _add_training_args(teacher, default_arch="lenet5")
+    teacher.set_defaults(run=run_teacher)
+
+    student = subparsers.add_parser(
+        "train-student", help="train a student with plain cross-entropy (the CE-only baseline)",
+        description="The paper's CE-only baseline: a student trained with cross-entropy on ground-truth labels, "
+                    "or with --labels teacher on the teacher's top-1 labels (queries counted).")
+    _add_training_args(student, default_arch="lenet5-half")
+    student.add_argument("--labels", choices=("dataset", "teacher"), default="dataset",
+                         help="train on the dataset's labels or on the teacher's top-1 labels (needs --teacher)")
+    add_teacher_args(student, required=False)
+    student.set_defaults(run=run_student)
+
+
+def _add_training_args(parser: argparse.ArgumentParser, default_arch: str) -> None:
+    add_data_args(parser)
+    parser.add_argument("--arch", default=default_arch, help=f"network from the model registry (default {default_arch})")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--out", required=True, help="run directory to write")
+
+
+def _train(args, oracle=None, teacher_labels: bool = False) -> int:
+    from ..data import load_dataset
+    from ..jobs import train_to_dir
+    from ..training import TrainConfig
+
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    dataset = load_dataset(args.dataset, args.data_dir)
+    metrics = train_to_dir(args.out, args.arch, dataset, config, oracle=oracle, teacher_labels=teacher_labels)
+    print(f"{args.arch} on {args.dataset}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
+          f"({metrics['seconds']:.0f} s); wrote {args.out}/model.pt, model.onnx, metrics.json")
+    if oracle is not None:
+        print(f"fidelity to the teacher {metrics['fidelity']:.4f}; teacher queries: {metrics['teacher_queries_transfer']} "
+              f"for labels, {metrics['teacher_queries_eval']} for evaluation")
+    return 0
+
+
+def run_teacher(args) -> int:
+    return _train(args)
+
+
+def run_student(args) -> int:
+    from ..errors import ConfigError
+    from ..teachers import open_oracle
+
+    if args.labels == "teacher" and not args.teacher:
+        raise ConfigError("--labels teacher needs --teacher SPEC (a model.pt, model.onnx or http(s):// URL)")
+    oracle = open_oracle(args.teacher, **teacher_options(args)) if args.teacher else None
+    return _train(args, oracle, teacher_labels=args.labels == "teacher")

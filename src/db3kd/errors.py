@@ -1,0 +1,48 @@
+"""Exceptions raised by db3kd. Every one says what is wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class DB3KDError(Exception):
+    """Base class of every error db3kd raises on purpose."""
+
+
+class DataError(DB3KDError):
+    """A dataset is missing, corrupt or not in the expected format."""
+
+
+class ConfigError(DB3KDError, ValueError):
+    """A hyper-parameter, model spec or command-line value is invalid."""
+
+
+class InputError(DB3KDError, ValueError):
+    """A batch given to the oracle has the wrong shape, dtype or values."""
+
+
+class TeacherError(DB3KDError):
+    """The teacher could not be loaded or answered something other than valid labels."""
+
+
+class TeacherConnectionError(TeacherError):
+    """A remote teacher could not be reached, even after retries."""
+
+
+class BudgetExceededError(DB3KDError):
+    """A query would exceed the oracle's budget. Raised before anything is sent.
+
+    Attributes:
+        used: queries spent so far.
+        budget: the budget.
+        requested: images in the refused call.
+    """
+
+    def __init__(self, used: int, budget: int, requested: int):
+        self.used, self.budget, self.requested = used, budget, requested
+        super().__init__(
+            f"query budget exceeded: {used} of {budget} queries used, this call needs {requested} more "
+            f"({budget - used} left). Raise the budget or stop here; results so far are kept."
+        )
+
+
+class CheckpointError(DB3KDError):
+    """A model file is missing, unreadable or not a db3kd checkpoint."""

@@ -1,0 +1,151 @@
+"""The label-only teacher: the one object through which db3kd queries a teacher.
+
+Every image sent is counted, in total and (when the caller says which sample an image belongs to) per
+sample. A budget, when set, is checked before anything is sent. Callers get labels and nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import BudgetExceededError, InputError, TeacherError
+from .teachers.base import LabelBackend
+
+
+class LabelOracle:
+    """Top-1 labels from a teacher backend, with exact query accounting.
+
+    Pixels outside the teacher's bounds are clipped to them before sending (as in the DB3KD paper, whose
+    searches may step slightly outside the image box); NaN and inf are refused.
+
+    Args:
+        backend: the teacher (see `db3kd.teachers.load_teacher`).
+        budget: maximum number of images ever sent; None for no limit.
+        chunk_size: largest batch sent at once; default the backend's preferred batch.
+    """
+
+    def __init__(self, backend: LabelBackend, budget: int | None = None, chunk_size: int | None = None):
+        if budget is not None and (int(budget) != budget or budget < 0):
+            raise InputError(f"budget must be a non-negative integer or None, got {budget!r}")
+        chunk_size = backend.preferred_batch if chunk_size is None else chunk_size
+        if int(chunk_size) != chunk_size or chunk_size < 1:
+            raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        self._backend = backend
+        self.budget = None if budget is None else int(budget)
+        self.chunk_size = int(chunk_size)
+        self.queries = 0
+        self._per_sample = np.zeros(0, dtype=np.int64)
+
+    # The teacher's contract, for algorithms that need to know the image box.
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self._backend.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self._backend.num_classes
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self._backend.bounds
+
+    @property
+    def name(self) -> str:
+        return self._backend.name
+
+    @property
+    def remaining(self) -> int | None:
+        """Queries left in the budget (None when unlimited)."""
+        return None if self.budget is None else self.budget - self.queries
+
+    def labels(self, x: torch.Tensor | np.ndarray, ids=None) -> torch.Tensor | np.ndarray:
+        """Teacher labels (int64, one per image) for a batch (N, C, H, W) of float32 images.
+
+        Args:
+            x: the images; a NumPy input gets a NumPy answer, a tensor a tensor on x's device.
+            ids: optional non-negative sample id per image; queries are then also counted per id
+                (see `queries_for`).
+
+        Raises:
+            InputError: wrong type, rank, shape or dtype, or NaN/inf pixels. Nothing is sent.
+            BudgetExceededError: the batch would exceed the budget. Nothing is sent.
+            TeacherError: the backend answered something that is not N labels in [0, K).
+        """
+        as_numpy = isinstance(x, np.ndarray)
+        xt = self._validate(x)
+        id_array = self._validate_ids(ids, len(xt))
+        n = len(xt)
+        if self.budget is not None and self.queries + n > self.budget:
+            raise BudgetExceededError(self.queries, self.budget, n)
+        lo, hi = self.bounds
+        out = torch.empty(n, dtype=torch.int64, device=xt.device)
+        for start in range(0, n, self.chunk_size):
+            chunk = xt[start:start + self.chunk_size].clamp(lo, hi)
+            out[start:start + len(chunk)] = self._check_labels(self._backend.predict_labels(chunk), len(chunk))
+            # Counted as soon as the teacher has answered, so a later failure never hides spent queries.
+            self.queries += len(chunk)
+            if id_array is not None:
+                self._count_ids(id_array[start:start + len(chunk)])
+        return out.cpu().numpy() if as_numpy else out
+
+    def queries_for(self, ids) -> np.ndarray:
+        """Queries counted so far for each sample id in `ids` (0 for ids never seen)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        counts = np.zeros(ids.shape, dtype=np.int64)
+        known = ids < len(self._per_sample)
+        counts[known] = self._per_sample[ids[known]]
+        return counts
+
+    def _validate(self, x) -> torch.Tensor:
+        if isinstance(x, np.ndarray):
+            if x.dtype != np.float32:
+                raise InputError(f"expected float32 images, got dtype {x.dtype}; convert with x.astype(np.float32)")
+            x = torch.from_numpy(x)
+        elif not isinstance(x, torch.Tensor):
+            raise InputError(f"expected a torch.Tensor or numpy.ndarray of images, got {type(x).__name__}")
+        if x.dtype != torch.float32:
+            raise InputError(f"expected float32 images, got dtype {x.dtype}; convert with x.float()")
+        if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise InputError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}")
+        if x.numel() and not torch.isfinite(x).all():
+            bad = (~torch.isfinite(x)).flatten(1).any(dim=1).nonzero().flatten()[:5].tolist()
+            raise InputError(f"images contain NaN or inf (first bad images: {bad}); nothing was sent to the teacher")
+        return x
+
+    @staticmethod
+    def _validate_ids(ids, n: int) -> np.ndarray | None:
+        if ids is None:
+            return None
+        ids = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"expected ids as {n} integers (one per image), got shape {ids.shape} dtype {ids.dtype}")
+        if n and ids.min() < 0:
+            raise InputError(f"ids must be non-negative, got {int(ids.min())}")
+        return ids.astype(np.int64, copy=False)
+
+    def _check_labels(self, labels, n: int) -> torch.Tensor:
+        labels = torch.as_tensor(labels)
+        if labels.shape != (n,):
+            raise TeacherError(f"teacher {self.name} returned {tuple(labels.shape)} labels for {n} images; expected ({n},)")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TeacherError(f"teacher {self.name} returned labels of dtype {labels.dtype}; expected integers")
+        if n and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise TeacherError(
+                f"teacher {self.name} returned labels in [{int(labels.min())}, {int(labels.max())}]; "
+                f"expected classes in [0, {self.num_classes})"
+            )
+        return labels.to(torch.int64)
+
+    def _count_ids(self, ids: np.ndarray) -> None:
+        if not len(ids):
+            return
+        top = int(ids.max()) + 1
+        if top > len(self._per_sample):
+            grown = np.zeros(max(top, 2 * len(self._per_sample)), dtype=np.int64)
+            grown[: len(self._per_sample)] = self._per_sample
+            self._per_sample = grown
+        np.add.at(self._per_sample, ids, 1)
+
+    def __repr__(self) -> str:
+        return f"LabelOracle({self.name!r}, queries={self.queries}, budget={self.budget})"

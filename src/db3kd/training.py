@@ -1,0 +1,129 @@
+"""Supervised training and evaluation of classifiers: the teacher trainer and the CE-only student baseline."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of `train_classifier`. Defaults reach >= 99% on MNIST with LeNet-5 in 10 epochs."""
+
+    epochs: int = 10
+    batch_size: int = 128  # small enough for many updates per epoch on 60k images
+    lr: float = 1e-3  # Adam's usual step; cosine-decayed to 0 over the run for a stable final epoch
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str | None = None  # None: CUDA when present, else CPU
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: per-epoch history and totals."""
+
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.history[-1].get("test_accuracy") if self.history else None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """Arg-max predictions of a (white-box, our own) model over a dataset, in batches."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.as_tensor(x)
+    out = [model(x[i:i + batch_size].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def accuracy(model: torch.nn.Module, x, y, batch_size: int = 1000) -> float:
+    """Fraction of `x` that `model` classifies as `y`."""
+    return float((predict(model, x, batch_size) == np.asarray(y)).mean())
+
+
+def train_classifier(
+    model: torch.nn.Module,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    config: TrainConfig,
+    eval_set: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `model` with cross-entropy on (x_train, y_train) using Adam with cosine decay.
+
+    Args:
+        model: maps (N, C, H, W) images to logits; trained in place.
+        x_train: (N, C, H, W) float32 images.
+        y_train: (N,) int64 class labels (ground truth or a teacher's labels).
+        config: hyper-parameters.
+        eval_set: (x, y) evaluated after each epoch (test accuracy in the history).
+        progress: show a progress bar per epoch.
+    """
+    if len(x_train) != len(y_train) or len(x_train) == 0:
+        raise ConfigError(f"expected as many labels as images (> 0), got {len(x_train)} images and {len(y_train)} labels")
+    device = resolve_device(config.device)
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    model.to(device)
+    x_all = torch.as_tensor(x_train)
+    y_all = torch.as_tensor(y_train, dtype=torch.int64)
+    steps_per_epoch = math.ceil(len(x_all) / config.batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
+    result = TrainResult()
+    start = time.perf_counter()
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_all), generator=generator)
+        total_loss, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.epochs}", disable=None if progress else True, leave=False)  # None: no bar when not a terminal
+        for step in bar:
+            idx = order[step * config.batch_size:(step + 1) * config.batch_size]
+            xb, yb = x_all[idx].to(device), y_all[idx].to(device)
+            loss = F.cross_entropy(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(idx)
+            seen += len(idx)
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        record = {"epoch": epoch, "train_loss": total_loss / seen, "seconds": time.perf_counter() - start}
+        if eval_set is not None:
+            record["test_accuracy"] = accuracy(model, *eval_set)
+        result.history.append(record)
+        if progress:
+            acc = f", test accuracy {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
+            tqdm.write(f"epoch {epoch}/{config.epochs}: loss {record['train_loss']:.4f}{acc} ({record['seconds']:.0f} s)")
+    result.seconds = time.perf_counter() - start
+    return result

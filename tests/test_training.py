@@ -1,0 +1,121 @@
+"""Training, checkpoints, ONNX export and the train-teacher / train-student / demo commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from db3kd.checkpoint import ModelSpec, export_onnx, load_checkpoint, save_checkpoint
+from db3kd.cli import main
+from db3kd.errors import CheckpointError, ConfigError
+from db3kd.models import build_model
+from db3kd.teachers import open_oracle
+from db3kd.training import TrainConfig, accuracy, train_classifier
+
+
+def separable_data(n=256, seed=0):
+    """Two classes told apart by mean brightness of the left half: learnable in a few epochs."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    x = rng.uniform(0, 0.5, (n, 1, 28, 28)).astype(np.float32)
+    x[y == 1, :, :, :14] += 0.5
+    return x, y.astype(np.int64)
+
+
+def test_train_classifier_learns_and_records_history():
+    x, y = separable_data()
+    torch.manual_seed(0)
+    model = build_model("lenet5-half", (1, 28, 28), 2)
+    result = train_classifier(model, x, y, TrainConfig(epochs=4, batch_size=32), eval_set=(x, y), progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.final_accuracy == accuracy(model, x, y) and result.final_accuracy > 0.95
+
+
+def test_training_is_reproducible_with_a_seed():
+    x, y = separable_data()
+    torch.manual_seed(0)
+    a = build_model("lenet5-half", (1, 28, 28), 2)
+    b = build_model("lenet5-half", (1, 28, 28), 2)
+    b.load_state_dict(a.state_dict())
+    for m in (a, b):
+        train_classifier(m, x, y, TrainConfig(epochs=1, batch_size=32, seed=3), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("epochs", 0, "epochs must be a positive integer"),
+    ("batch_size", 2.5, "batch_size must be a positive integer"),
+    ("lr", -1.0, "lr must be a positive number"),
+    ("weight_decay", -0.1, "weight_decay must be >= 0"),
+], ids=["zero-epochs", "float-batch", "negative-lr", "negative-decay"])
+def test_train_config_rejects_bad_values(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_checkpoint_roundtrip_and_onnx_export_agree(tmp_path):
+    torch.manual_seed(0)
+    spec = ModelSpec(arch="lenet5-half", input_shape=(1, 28, 28), num_classes=10, dataset="mnist")
+    model = spec.build().eval()
+    save_checkpoint(tmp_path / "model.pt", model, spec)
+    loaded, loaded_spec = load_checkpoint(tmp_path / "model.pt")
+    assert loaded_spec == spec
+    x = torch.rand(64, 1, 28, 28)
+    assert torch.equal(model(x), loaded(x))
+    export_onnx(model, spec, tmp_path / "model.onnx")
+    oracle = open_oracle(tmp_path / "model.onnx")
+    assert oracle.num_classes == 10 and oracle.input_shape == (1, 28, 28)
+    assert torch.equal(oracle.labels(x), model(x).argmax(1))
+
+
+def test_load_checkpoint_errors_are_precise(tmp_path):
+    with pytest.raises(CheckpointError, match="model file not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a db3kd checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_train_teacher_then_student_from_teacher_labels(tmp_path, capsys):
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
+    assert main(["train-teacher", "--dataset", "digits", "--arch", "lenet5-half", "--epochs", "6", "--lr", "3e-3",
+                 "--batch-size", "64", "--out", str(teacher_dir)]) == 0
+    metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    assert metrics["test_accuracy"] > 0.85 and metrics["epochs"] == 6 and metrics["seconds"] > 0
+    assert metrics["onnx_argmax_agreement"] == 1.0
+    assert (teacher_dir / "model.pt").is_file() and (teacher_dir / "model.onnx").is_file()
+
+    assert main(["train-student", "--dataset", "digits", "--arch", "lenet5-fifth", "--epochs", "3",
+                 "--labels", "teacher", "--teacher", str(teacher_dir / "model.onnx"), "--out", str(student_dir)]) == 0
+    student = json.loads((student_dir / "metrics.json").read_text())
+    from db3kd.data import load_dataset
+
+    digits = load_dataset("digits")
+    # Every training image was labelled once by the teacher, every test image once for fidelity.
+    assert student["teacher_queries_transfer"] == len(digits.x_train)
+    assert student["teacher_queries_eval"] == len(digits.x_test)
+    assert 0.0 < student["fidelity"] <= 1.0
+    assert "fidelity" in capsys.readouterr().out
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    code = main(["train-student", "--dataset", "digits", "--labels", "teacher", "--out", str(tmp_path)])
+    assert code == 2
+    assert "--labels teacher needs --teacher" in capsys.readouterr().err
+    code = main(["train-teacher", "--dataset", "digits", "--arch", "nonesuch", "--epochs", "1", "--out", str(tmp_path)])
+    assert code == 2
+    assert "nonesuch" in capsys.readouterr().err
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "3"]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["teacher_queries"] == summary["train_samples"] + summary["test_samples"]
+    assert summary["teacher"]["test_accuracy"] > 0.5
+    assert "teacher queries" in capsys.readouterr().out
