@@ -36,11 +36,12 @@ class BudgetExceededError(DB3KDError):
         requested: images in the refused call.
     """
 
-    def __init__(self, used: int, budget: int, requested: int):
+    def __init__(self, used: int, budget: int, requested: int, advice: str | None = None):
         self.used, self.budget, self.requested = used, budget, requested
+        advice = advice or "Raise the budget or stop here; results so far are kept."
         super().__init__(
             f"query budget exceeded: {used} of {budget} queries used, this call needs {requested} more "
-            f"({budget - used} left). Raise the budget or stop here; results so far are kept."
+            f"({budget - used} left). {advice}"
         )
 
 
