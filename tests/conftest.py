@@ -20,3 +20,22 @@ def shared_dir() -> Path:
 @pytest.fixture
 def teacher_onnx(shared_dir) -> Path:
     return TEACHER_ONNX
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """A small LeNet teacher trained on scikit-learn digits, exported to ONNX (seconds to make)."""
+    import torch
+
+    from db3kd.checkpoint import ModelSpec, export_onnx, save_checkpoint
+    from db3kd.data import load_dataset
+    from db3kd.training import TrainConfig, train_classifier
+
+    out = tmp_path_factory.mktemp("digits-teacher")
+    digits = load_dataset("digits")
+    spec = ModelSpec(arch="lenet5-half", input_shape=digits.info.input_shape, num_classes=10, dataset="digits")
+    torch.manual_seed(0)
+    model = spec.build()
+    train_classifier(model, digits.x_train, digits.y_train, TrainConfig(epochs=8, batch_size=64, lr=3e-3), progress=False)
+    save_checkpoint(out / "model.pt", model, spec)
+    return export_onnx(model, spec, out / "model.onnx")

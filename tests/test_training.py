@@ -89,7 +89,7 @@ def test_train_teacher_then_student_from_teacher_labels(tmp_path, capsys):
     metrics = json.loads((teacher_dir / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.85 and metrics["epochs"] == 6 and metrics["seconds"] > 0
     assert metrics["onnx_argmax_agreement"] == 1.0
-    assert (teacher_dir / "model.pt").is_file() and (teacher_dir / "model.onnx").is_file()
+    assert all((teacher_dir / f).is_file() for f in ("model.pt", "model.onnx", "curve.png"))
 
     assert main(["train-student", "--dataset", "digits", "--arch", "lenet5-fifth", "--epochs", "3",
                  "--labels", "teacher", "--teacher", str(teacher_dir / "model.onnx"), "--out", str(student_dir)]) == 0

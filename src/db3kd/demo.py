@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from .data import load_dataset
-from .jobs import train_to_dir, write_json
+from .jobs import teacher_labels, train_to_dir, write_json
 from .teachers import open_oracle
 from .training import TrainConfig
 
@@ -24,10 +24,13 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", epochs: int = 30, seed: i
     out = Path(out_dir)
     dataset = load_dataset(DEMO_DATASET)
     config = TrainConfig(epochs=epochs, batch_size=64, seed=seed)
-    teacher = train_to_dir(out / "teacher", TEACHER_ARCH, dataset, config, progress=progress)
+    test = (dataset.x_test, dataset.y_test)
+    teacher = train_to_dir(out / "teacher", TEACHER_ARCH, dataset.info, (dataset.x_train, dataset.y_train), test,
+                           config, progress=progress)
     oracle = open_oracle(out / "teacher" / "model.onnx")
-    student = train_to_dir(out / "student-ce", STUDENT_ARCH, dataset, config, oracle=oracle, teacher_labels=True,
-                           progress=progress)
+    labels, _ = teacher_labels(oracle, dataset.x_train)
+    student = train_to_dir(out / "student-ce", STUDENT_ARCH, dataset.info, (dataset.x_train, labels), test, config,
+                           oracle=oracle, progress=progress)
     summary = {
         "dataset": DEMO_DATASET,
         "train_samples": len(dataset.x_train),

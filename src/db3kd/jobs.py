@@ -1,20 +1,22 @@
-"""Train a classifier and write its run directory: `model.pt`, `model.onnx` and `metrics.json`."""
+"""Train a classifier and write its run directory: `model.pt`, `model.onnx`, `metrics.json`, `curve.png`."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .checkpoint import ModelSpec, export_onnx, save_checkpoint
-from .data import Dataset
+from .data import DatasetInfo
 from .errors import ConfigError
 from .models import build_model, count_parameters
 from .oracle import LabelOracle
+from .losses import KDLoss
 from .training import TrainConfig, predict, train_classifier
 
 
@@ -48,43 +50,43 @@ def onnx_agreement(onnx_path: Path, model, x: np.ndarray) -> float:
     return float((onnx_labels == predict(model, x)).mean())
 
 
+def teacher_labels(oracle: LabelOracle, x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The teacher's top-1 labels of `x` and the queries they cost."""
+    before = oracle.queries
+    labels = oracle.labels(x)
+    return labels, oracle.queries - before
+
+
 def train_to_dir(
     out_dir: str | os.PathLike,
     arch: str,
-    dataset: Dataset,
+    info: DatasetInfo,
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
     config: TrainConfig,
     oracle: LabelOracle | None = None,
-    teacher_labels: bool = False,
+    soft_logits: np.ndarray | None = None,
+    kd: KDLoss | None = None,
+    extra_metrics: dict | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train `arch` on `dataset` with cross-entropy and write model.pt, model.onnx and metrics.json.
+    """Train `arch` on `train` = (images, labels), evaluate on `test` each epoch, and write the run directory.
 
-    The targets are the dataset's ground-truth labels (a teacher, or the paper's "CE only" student), or
-    with `teacher_labels` the oracle's top-1 labels of the training images. Given an oracle, the
-    student's fidelity (agreement with the teacher on the test split) is measured too; the queries
-    spent on labels and on evaluation are recorded separately.
+    Writes model.pt, model.onnx, metrics.json and curve.png (test accuracy per epoch). The loss is
+    cross-entropy, or the distillation loss `kd` against `soft_logits`. Given an oracle, the student's
+    fidelity (agreement with the teacher's labels on the test images) is measured, and the queries it
+    cost are recorded as `teacher_queries_eval`.
 
-    Returns the metrics written.
+    Returns the metrics written (with `extra_metrics` merged in).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    info = dataset.info
     spec = ModelSpec(arch=arch, input_shape=info.input_shape, num_classes=info.num_classes, dataset=info.name)
     model = build_model(arch, info.input_shape, info.num_classes)
-    metrics: dict = {"arch": arch, "dataset": info.name, "parameters": count_parameters(model), "version": __version__}
-    if teacher_labels and oracle is None:
-        raise ConfigError("teacher_labels=True needs an oracle to ask for the labels")
-    targets = dataset.y_train
-    metrics["labels"] = "teacher" if teacher_labels else "dataset"
-    if oracle is not None:
-        metrics.update(teacher=oracle.name, teacher_queries_transfer=0)
-    if teacher_labels:
-        before = oracle.queries
-        targets = oracle.labels(dataset.x_train)
-        metrics.update(teacher_queries_transfer=oracle.queries - before,
-                       train_label_agreement=float((targets == dataset.y_train).mean()))
+    metrics: dict = {"arch": arch, "dataset": info.name, "parameters": count_parameters(model),
+                     "train_samples": len(train[0]), "version": __version__, **(extra_metrics or {})}
     started = time.perf_counter()
-    result = train_classifier(model, dataset.x_train, targets, config, eval_set=(dataset.x_test, dataset.y_test), progress=progress)
+    result = train_classifier(model, *train, config, eval_set=test, progress=progress, soft_logits=soft_logits, kd=kd)
     save_checkpoint(out / "model.pt", model.cpu(), spec)
     onnx_path = export_onnx(model, spec, out / "model.onnx")
     metrics.update(
@@ -92,14 +94,34 @@ def train_to_dir(
         best_test_accuracy=max(h["test_accuracy"] for h in result.history),
         epochs=config.epochs,
         seconds=round(time.perf_counter() - started, 2),
-        onnx_argmax_agreement=onnx_agreement(onnx_path, model, dataset.x_test),
+        onnx_argmax_agreement=onnx_agreement(onnx_path, model, test[0]),
         config=vars(config),
+        loss=asdict(kd) if kd is not None else "cross-entropy",
         history=result.history,
     )
     if oracle is not None:
-        before = oracle.queries
-        teacher_test = oracle.labels(dataset.x_test)
-        metrics["fidelity"] = float((predict(model, dataset.x_test) == teacher_test).mean())
-        metrics["teacher_queries_eval"] = oracle.queries - before
+        labels, queries = teacher_labels(oracle, test[0])
+        metrics.update(fidelity=float((predict(model, test[0]) == labels).mean()), teacher_queries_eval=queries)
     write_json(out / "metrics.json", metrics)
+    plot_curve(result.history, out / "curve.png", title=f"{arch} on {info.name}")
     return metrics
+
+
+def plot_curve(history: list[dict], path: Path, title: str) -> Path:
+    """Test accuracy and training loss per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, acc_ax = plt.subplots(figsize=(6, 3.5))
+    acc_ax.plot(epochs, [h["test_accuracy"] for h in history], "o-", color="tab:blue")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy", title=title)
+    loss_ax = acc_ax.twinx()
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], "--", color="tab:gray")
+    loss_ax.set_ylabel("training loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

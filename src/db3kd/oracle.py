@@ -112,7 +112,8 @@ class LabelOracle:
         # A finite sum proves every pixel finite, ~30x faster than isfinite(x).all(); an infinite sum may be
         # overflow, so only then are pixels checked one by one. NumPy on CPU: torch's thread pool would
         # compete with the teacher's for the cores.
-        total = x.numpy().sum() if x.device.type == "cpu" else x.sum()
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf are reported below, precisely
+            total = x.numpy().sum() if x.device.type == "cpu" else x.sum()
         if x.numel() and not np.isfinite(float(total)):
             bad = (~torch.isfinite(x)).flatten(1).any(dim=1).nonzero().flatten()[:5].tolist()
             if bad:

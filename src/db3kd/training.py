@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .losses import KDLoss
 
 
 @dataclass
@@ -77,8 +78,13 @@ def train_classifier(
     config: TrainConfig,
     eval_set: tuple[np.ndarray, np.ndarray] | None = None,
     progress: bool = True,
+    soft_logits: np.ndarray | None = None,
+    kd: KDLoss | None = None,
 ) -> TrainResult:
-    """Train `model` with cross-entropy on (x_train, y_train) using Adam with cosine decay.
+    """Train `model` on (x_train, y_train) using Adam with cosine decay.
+
+    The loss is cross-entropy, or with `soft_logits` and `kd`, the distillation loss `kd` against the
+    soft targets (see `db3kd.losses.KDLoss`).
 
     Args:
         model: maps (N, C, H, W) images to logits; trained in place.
@@ -87,15 +93,22 @@ def train_classifier(
         config: hyper-parameters.
         eval_set: (x, y) evaluated after each epoch (test accuracy in the history).
         progress: show a progress bar per epoch.
+        soft_logits: (N, K) soft-target logits per training image, for `kd`.
+        kd: the distillation loss; needs `soft_logits`.
     """
     if len(x_train) != len(y_train) or len(x_train) == 0:
         raise ConfigError(f"expected as many labels as images (> 0), got {len(x_train)} images and {len(y_train)} labels")
+    if (soft_logits is None) != (kd is None):
+        raise ConfigError("soft_logits and kd go together: pass both for distillation, neither for cross-entropy")
+    if soft_logits is not None and len(soft_logits) != len(x_train):
+        raise ConfigError(f"expected soft logits for each of the {len(x_train)} images, got {len(soft_logits)}")
     device = resolve_device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     model.to(device)
     x_all = torch.as_tensor(x_train)
     y_all = torch.as_tensor(y_train, dtype=torch.int64)
+    z_all = None if soft_logits is None else torch.as_tensor(soft_logits, dtype=torch.float32)
     steps_per_epoch = math.ceil(len(x_all) / config.batch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
@@ -109,7 +122,8 @@ def train_classifier(
         for step in bar:
             idx = order[step * config.batch_size:(step + 1) * config.batch_size]
             xb, yb = x_all[idx].to(device), y_all[idx].to(device)
-            loss = F.cross_entropy(model(xb), yb)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb) if kd is None else kd(logits, yb, z_all[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

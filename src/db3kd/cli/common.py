@@ -13,11 +13,12 @@ def add_teacher_args(parser: argparse.ArgumentParser, required: bool = True) -> 
                         help="bearer token for a label service (default: $DB3KD_API_KEY)")
 
 
-def teacher_options(args: argparse.Namespace) -> dict:
-    """Backend options from parsed teacher arguments (only what applies to the spec)."""
-    if args.teacher.startswith(("http://", "https://")) and args.api_key:
-        return {"api_key": args.api_key}
-    return {}
+def open_teacher(spec: str, api_key: str | None = None, budget: int | None = None):
+    """A `LabelOracle` for a teacher spec; the API key goes only to HTTP services."""
+    from ..teachers import open_oracle
+
+    options = {"api_key": api_key} if api_key and spec.startswith(("http://", "https://")) else {}
+    return open_oracle(spec, budget=budget, **options)
 
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

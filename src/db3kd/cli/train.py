@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_args, add_teacher_args, teacher_options
+from .common import add_data_args, add_teacher_args, open_teacher
 
 
 def register(subparsers) -> None:
@@ -35,19 +35,27 @@ def _add_training_args(parser: argparse.ArgumentParser, default_arch: str) -> No
     parser.add_argument("--out", required=True, help="run directory to write")
 
 
-def _train(args, oracle=None, teacher_labels: bool = False) -> int:
+def _train(args, oracle=None, use_teacher_labels: bool = False) -> int:
     from ..data import load_dataset
-    from ..jobs import train_to_dir
+    from ..jobs import teacher_labels, train_to_dir
     from ..training import TrainConfig
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
-    dataset = load_dataset(args.dataset, args.data_dir)
-    metrics = train_to_dir(args.out, args.arch, dataset, config, oracle=oracle, teacher_labels=teacher_labels)
-    print(f"{args.arch} on {args.dataset}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
-          f"({metrics['seconds']:.0f} s); wrote {args.out}/model.pt, model.onnx, metrics.json")
+    data = load_dataset(args.dataset, args.data_dir)
+    targets, extra = data.y_train, {"labels": "dataset"}
+    if use_teacher_labels:
+        targets, queries = teacher_labels(oracle, data.x_train)
+        extra = {"labels": "teacher", "teacher_queries_transfer": queries,
+                 "train_label_agreement": float((targets == data.y_train).mean())}
     if oracle is not None:
-        print(f"fidelity to the teacher {metrics['fidelity']:.4f}; teacher queries: {metrics['teacher_queries_transfer']} "
-              f"for labels, {metrics['teacher_queries_eval']} for evaluation")
+        extra["teacher"] = oracle.name
+    metrics = train_to_dir(args.out, args.arch, data.info, (data.x_train, targets), (data.x_test, data.y_test),
+                           config, oracle=oracle, extra_metrics=extra)
+    print(f"{args.arch} on {args.dataset}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
+          f"({metrics['seconds']:.0f} s); wrote {args.out}/model.pt, model.onnx, metrics.json, curve.png")
+    if oracle is not None:
+        print(f"fidelity to the teacher {metrics['fidelity']:.4f}; teacher queries: "
+              f"{metrics.get('teacher_queries_transfer', 0)} for labels, {metrics['teacher_queries_eval']} for evaluation")
     return 0
 
 
@@ -57,9 +65,8 @@ def run_teacher(args) -> int:
 
 def run_student(args) -> int:
     from ..errors import ConfigError
-    from ..teachers import open_oracle
 
     if args.labels == "teacher" and not args.teacher:
         raise ConfigError("--labels teacher needs --teacher SPEC (a model.pt, model.onnx or http(s):// URL)")
-    oracle = open_oracle(args.teacher, **teacher_options(args)) if args.teacher else None
-    return _train(args, oracle, teacher_labels=args.labels == "teacher")
+    oracle = open_teacher(args.teacher, args.api_key) if args.teacher else None
+    return _train(args, oracle, use_teacher_labels=args.labels == "teacher")

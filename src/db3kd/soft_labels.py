@@ -1,0 +1,191 @@
+"""Soft labels for a set of samples: boundary distances toward every class, computed shard by shard.
+
+This is the job behind `db3kd soft-labels`. It asks the teacher for the labels of the reference samples
+(the candidate directions, normally the whole split) once, then runs an SD / BD / MBD estimator over the
+selected samples in shards written as they finish, so an interrupted run resumes where it stopped. The
+merged result is `soft_labels.npz` with distances and the paper's logits, and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import BudgetExceededError, ConfigError, DataError
+from .jobs import write_json
+from .oracle import LabelOracle
+from .robustness import ESTIMATORS, distances_to_logits, estimator_from_name
+from .shards import ShardStore
+
+
+@dataclass
+class SoftLabelConfig:
+    """What determines a soft-label run's results (its shards are refused if any of this changes)."""
+
+    method: str = "bd"  # sd | bd | mbd
+    params: dict = field(default_factory=dict)  # estimator hyper-parameters (see db3kd.robustness)
+    seed: int = 0
+    shard_size: int = 500  # samples per shard: ~4500 pairs, a few seconds of BD work, small loss on a crash
+    save_points: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ConfigError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+        params = dict(self.params)
+        if self.method in ESTIMATORS and "seed" in inspect.signature(ESTIMATORS[self.method]).parameters:
+            params["seed"] = self.seed  # deterministic estimators take none
+        self.estimator = estimator_from_name(self.method, **params)
+
+
+def read_indices(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Dataset indices from a text file (one per line) or a .npy of integers, checked against `size`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"indices file not found: {path}")
+    try:
+        raw = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except ValueError as e:
+        raise DataError(f"{path}: expected one integer dataset index per line (or a .npy of integers): {e}") from e
+    return check_indices(np.asarray(raw), size, str(path))
+
+
+def check_indices(indices: np.ndarray, size: int, source: str = "indices") -> np.ndarray:
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or len(indices) == 0:
+        raise DataError(f"{source}: expected a non-empty list of integers, got shape {indices.shape} dtype {indices.dtype}")
+    bad = indices[(indices < 0) | (indices >= size)]
+    if len(bad):
+        raise DataError(f"{source}: index {int(bad[0])} is outside the split's range [0, {size})")
+    unique, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"{source}: index {int(unique[counts > 1][0])} appears more than once")
+    return indices.astype(np.int64)
+
+
+def reference_labels(store: ShardStore, oracle: LabelOracle, reference_x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The teacher's labels of the reference samples, asked once per run directory and kept there."""
+    path = store.root / "reference_labels.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as cached:
+            return cached["labels"], int(cached["queries"])
+    before = oracle.queries
+    labels = oracle.labels(reference_x)
+    queries = oracle.queries - before
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, labels=labels, queries=queries)
+    os.replace(tmp, path)
+    return labels, queries
+
+
+def compute_soft_labels(
+    oracle: LabelOracle,
+    x: np.ndarray,
+    indices: np.ndarray,
+    config: SoftLabelConfig,
+    out_dir: str | os.PathLike,
+    run_info: dict,
+    progress: bool = True,
+) -> dict:
+    """Distances and soft labels for `x[indices]`, with `x` (the whole split) as reference samples.
+
+    Args:
+        oracle: the teacher.
+        x: (M, C, H, W) images of the split; also the candidate directions.
+        indices: which samples of `x` to label.
+        config: method, estimator parameters, seed, sharding.
+        out_dir: run directory; shards resume from it.
+        run_info: what the manifest records about where the data came from (teacher spec, dataset,
+            split); part of the fingerprint.
+
+    Returns the manifest (also written to out_dir/manifest.json); arrays go to out_dir/soft_labels.npz.
+    """
+    out = Path(out_dir)
+    fingerprint = {**run_info, "method": config.method, "params": config.params, "seed": config.seed,
+                   "shard_size": config.shard_size, "save_points": config.save_points,
+                   "num_samples": len(indices), "indices_sha256": _sha256(indices), "split_size": len(x),
+                   "teacher_input_shape": list(oracle.input_shape), "num_classes": oracle.num_classes}
+    store = ShardStore(out, fingerprint)
+    ref_labels, label_queries = reference_labels(store, oracle, x)
+    k = oracle.num_classes
+    shards = range((len(indices) + config.shard_size - 1) // config.shard_size)
+    todo = [s for s in shards if not store.done(s)]
+    pairs_per_sample = k - 1
+    bar = tqdm(total=len(indices) * pairs_per_sample, unit="pair", desc=f"{config.method} soft labels",
+               disable=None if progress else True, dynamic_ncols=True)
+    done_samples = len(indices) - sum(len(indices[s * config.shard_size:(s + 1) * config.shard_size]) for s in todo)
+    bar.update(done_samples * pairs_per_sample)
+    for s in todo:
+        idx = indices[s * config.shard_size:(s + 1) * config.shard_size]
+        started, before = time.perf_counter(), oracle.queries
+        result = _estimate(config, oracle, x, idx, ref_labels)
+        if result.budget_exhausted:
+            raise BudgetExceededError(oracle.queries, oracle.budget, 1, advice=(
+                f"It ran out during shard {s}; finished shards are kept in {out}: rerun the same command with a "
+                "larger budget to resume."))
+        seconds = time.perf_counter() - started
+        arrays = dict(indices=idx, labels=ref_labels[idx], distances=result.distances, queries=result.queries,
+                      shard_queries=np.array([oracle.queries - before]), shard_seconds=np.array([seconds]))
+        if result.distances_at is not None:
+            arrays["distances_at"] = np.moveaxis(result.distances_at, 0, 1)  # (n, checkpoints, K): concatenable
+            arrays["checkpoints"] = np.array([result.checkpoints])
+        if config.save_points:
+            arrays["points"] = result.points
+        store.write(s, **arrays)
+        bar.update(len(idx) * pairs_per_sample)
+        bar.set_postfix(queries_per_s=f"{(oracle.queries - before) / max(seconds, 1e-9):,.0f}")
+    bar.close()
+    return _finish(store, shards, label_queries, run_info, config, out)
+
+
+def _estimate(config: SoftLabelConfig, oracle, x, idx, ref_labels):
+    if config.method == "sd":
+        return config.estimator(x[idx], ref_labels[idx], x, ref_labels, oracle.num_classes)
+    return config.estimator(oracle, x[idx], ref_labels[idx], x, ref_labels, return_points=config.save_points)
+
+
+def _finish(store: ShardStore, shards: range, label_queries: int, run_info: dict, config: SoftLabelConfig, out: Path) -> dict:
+    merged = store.merge(shards)
+    arrays = {key: merged[key] for key in ("indices", "labels", "distances", "queries")}
+    arrays["logits"] = distances_to_logits(merged["distances"], merged["labels"])
+    if "distances_at" in merged:
+        arrays["distances_at"] = np.moveaxis(merged["distances_at"], 1, 0)  # (checkpoints, N, K)
+        arrays["checkpoints"] = merged["checkpoints"][0]
+    if "points" in merged:
+        arrays["points"] = merged["points"]
+    tmp = out / "soft_labels.npz.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, out / "soft_labels.npz")
+    pair_mask = np.isfinite(arrays["distances"]) | (arrays["queries"] > 0)
+    estimator_queries = int(merged["shard_queries"].sum())
+    manifest = {
+        **run_info,
+        "method": config.method,
+        "params": config.params,
+        "estimator": repr(config.estimator),
+        "seed": config.seed,
+        "num_samples": int(len(arrays["indices"])),
+        "shards": len(shards),
+        "total_queries": estimator_queries + label_queries,
+        "reference_label_queries": label_queries,
+        "estimator_queries": estimator_queries,
+        "queries_per_pair": float(arrays["queries"].sum() / max(pair_mask.sum(), 1)),
+        "median_distance": float(np.median(arrays["distances"][np.isfinite(arrays["distances"])])) if np.isfinite(arrays["distances"]).any() else None,
+        "seconds": float(merged["shard_seconds"].sum()),
+        "version": __version__,
+    }
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _sha256(array: np.ndarray) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.int64).tobytes()).hexdigest()
