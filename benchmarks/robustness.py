@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from db3kd.data import load_split
 from db3kd.robustness import BoundaryDistance, MinimalBoundaryDistance, SampleDistance
 from db3kd.teachers import open_oracle
 
@@ -36,17 +37,9 @@ FULL_TRAIN_PAIRS = 60000 * 9
 
 
 def load_mnist_train(data_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """(x, y, how) with x (60000, 1, 28, 28) float32 in [0, 1]; db3kd.data.load_split when it exists."""
-    try:
-        from db3kd.data import load_split
-    except ImportError:
-        from db3kd.data.idx import read
-
-        images = read(data_dir / "mnist" / "train-images-idx3-ubyte.gz")
-        labels = read(data_dir / "mnist" / "train-labels-idx1-ubyte.gz")
-        return (images.astype(np.float32) / 255.0)[:, None], labels.astype(np.int64), "db3kd.data.idx.read"
+    """(x, y, how) with x (60000, 1, 28, 28) float32 in [0, 1]."""
     x, y = load_split("mnist", "train", data_dir)
-    return np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64), "db3kd.data.load_split"
+    return x, y, "db3kd.data.load_split"
 
 
 def first_per_class(y: np.ndarray, per_class: int) -> np.ndarray:

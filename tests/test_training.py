@@ -113,9 +113,35 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert "nonesuch" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_the_whole_path(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "3"]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["teacher_queries"] == summary["train_samples"] + summary["test_samples"]
-    assert summary["teacher"]["test_accuracy"] > 0.5
-    assert "teacher queries" in capsys.readouterr().out
+    teacher, ce, bd = summary["rows"]
+    assert teacher["teacher_queries"] is None and teacher["test_accuracy"] > 0.5
+    assert ce["teacher_queries"] == summary["train_samples"]  # one top-1 label per training image
+    manifest = json.loads((tmp_path / "demo" / "soft-labels-bd" / "manifest.json").read_text())
+    assert bd["teacher_queries"] == manifest["total_queries"] > summary["train_samples"]
+    assert 0 < bd["fidelity"] <= 1 and 0 < ce["fidelity"] <= 1
+    out = capsys.readouterr().out
+    assert "DB3KD-BD" in out and "CE on top-1 labels" in out
+
+
+def test_standard_kd_baseline_reads_logits_and_says_so(digits_teacher, tmp_path, monkeypatch):
+    from db3kd.whitebox import WhiteBoxTeacher
+
+    calls = []
+    original = WhiteBoxTeacher.logits
+    monkeypatch.setattr(WhiteBoxTeacher, "logits", lambda self, x: calls.append(len(x)) or original(self, x))
+    out = tmp_path / "kd"
+    assert main(["train-student", "--dataset", "digits", "--arch", "lenet5-fifth", "--epochs", "2", "--labels",
+                 "whitebox-logits", "--teacher", str(digits_teacher), "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sum(calls) == metrics["train_samples"]  # logits of every training image, read in batches
+    assert metrics["labels"] == "whitebox-logits"
+    assert "upper reference" in metrics["white_box"] and metrics["loss"]["temperature"] == 20.0
+
+
+def test_standard_kd_refuses_a_label_service(tmp_path, capsys):
+    assert main(["train-student", "--dataset", "digits", "--labels", "whitebox-logits", "--teacher",
+                 "http://127.0.0.1:9", "--out", str(tmp_path)]) == 2
+    assert "a label service does not give" in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,7 +119,7 @@ def compute_soft_labels(
     todo = [s for s in shards if not store.done(s)]
     pairs_per_sample = k - 1
     bar = tqdm(total=len(indices) * pairs_per_sample, unit="pair", desc=f"{config.method} soft labels",
-               disable=None if progress else True, dynamic_ncols=True)
+               disable=not progress, mininterval=1 if sys.stderr.isatty() else 30)  # sparse lines in logs
     done_samples = len(indices) - sum(len(indices[s * config.shard_size:(s + 1) * config.shard_size]) for s in todo)
     bar.update(done_samples * pairs_per_sample)
     for s in todo:

@@ -111,3 +111,8 @@ class WhiteBoxTeacher:
 
     def __repr__(self) -> str:
         return f"WhiteBoxTeacher({self.name!r})"
+
+
+def logits_in_batches(teacher: WhiteBoxTeacher, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Teacher logits (N, K) of a whole dataset, a batch at a time (activations of 60000 images at once need GBs)."""
+    return np.concatenate([teacher.logits(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run the whole path on the bundled digits data (no downloads)",
-                                   description="Train a teacher on scikit-learn's 8x8 digits, then a student "
-                                               "from the teacher's labels alone, and print what happened.")
+                                   description="Train a teacher on scikit-learn's 8x8 digits, then students from "
+                                               "the teacher's labels alone (CE-only and DB3KD-BD), and print a table.")
     parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -17,10 +17,15 @@ def run(args) -> int:
     from ..demo import run_demo
 
     s = run_demo(args.out, epochs=args.epochs, seed=args.seed)
-    t, st = s["teacher"], s["student_ce_teacher_labels"]
-    print(f"\ndb3kd demo on {s['dataset']} ({s['train_samples']} train / {s['test_samples']} test images), results in {args.out}/")
-    print(f"  teacher  {t['arch']:<12} test accuracy {t['test_accuracy']:.4f}  ({t['seconds']:.0f} s)")
-    print(f"  student  {st['arch']:<12} test accuracy {st['test_accuracy']:.4f}  fidelity {st['fidelity']:.4f}  "
-          f"trained on the teacher's top-1 labels only")
-    print(f"  teacher queries (label-only, counted by the oracle): {s['teacher_queries']}")
+    print(f"\ndb3kd demo on {s['dataset']} ({s['train_samples']} train / {s['test_samples']} test images); "
+          f"results in {args.out}/")
+    print(f"BD soft labels: median boundary distance {s['bd_median_distance']:.3f}, "
+          f"{s['bd_queries_per_pair']:.1f} queries per (sample, class) pair\n")
+    print(f"| {'model':<30} | {'arch':<12} | test accuracy | fidelity | teacher queries | seconds |")
+    print(f"| {'-' * 30} | {'-' * 12} | ------------- | -------- | --------------- | ------- |")
+    for r in s["rows"]:
+        fidelity = f"{r['fidelity']:.4f}" if r["fidelity"] is not None else "-"
+        queries = f"{r['teacher_queries']:,}" if r["teacher_queries"] is not None else "-"
+        print(f"| {r['model']:<30} | {r['arch']:<12} | {r['test_accuracy']:>13.4f} | {fidelity:>8} | "
+              f"{queries:>15} | {r['seconds']:>7.0f} |")
     return 0

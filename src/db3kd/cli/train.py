@@ -15,11 +15,14 @@ def register(subparsers) -> None:
 
     student = subparsers.add_parser(
         "train-student", help="train a student with plain cross-entropy (the CE-only baseline)",
-        description="The paper's CE-only baseline: a student trained with cross-entropy on ground-truth labels, "
-                    "or with --labels teacher on the teacher's top-1 labels (queries counted).")
+        description="The paper's baselines. CE only: a student trained with cross-entropy on ground-truth labels "
+                    "(--labels dataset) or on the teacher's top-1 labels (--labels teacher, queries counted). "
+                    "Standard KD: --labels whitebox-logits reads the teacher's LOGITS (white-box: needs the model "
+                    "file, which DB3KD does not) and trains with the same KD loss as `db3kd distill`.")
     _add_training_args(student, default_arch="lenet5-half")
-    student.add_argument("--labels", choices=("dataset", "teacher"), default="dataset",
-                         help="train on the dataset's labels or on the teacher's top-1 labels (needs --teacher)")
+    student.add_argument("--labels", choices=("dataset", "teacher", "whitebox-logits"), default="dataset",
+                         help="the targets (default dataset); teacher and whitebox-logits need --teacher")
+    student.add_argument("--temperature", type=float, default=20.0, help="KD temperature for whitebox-logits")
     add_teacher_args(student, required=False)
     student.set_defaults(run=run_student)
 
@@ -35,22 +38,28 @@ def _add_training_args(parser: argparse.ArgumentParser, default_arch: str) -> No
     parser.add_argument("--out", required=True, help="run directory to write")
 
 
-def _train(args, oracle=None, use_teacher_labels: bool = False) -> int:
+def _train(args, oracle=None, labels: str = "dataset") -> int:
     from ..data import load_dataset
     from ..jobs import teacher_labels, train_to_dir
     from ..training import TrainConfig
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     data = load_dataset(args.dataset, args.data_dir)
-    targets, extra = data.y_train, {"labels": "dataset"}
-    if use_teacher_labels:
+    targets, extra, soft_logits, kd = data.y_train, {"labels": labels}, None, None
+    if labels == "teacher":
         targets, queries = teacher_labels(oracle, data.x_train)
-        extra = {"labels": "teacher", "teacher_queries_transfer": queries,
-                 "train_label_agreement": float((targets == data.y_train).mean())}
+        extra.update(teacher_queries_transfer=queries, train_label_agreement=float((targets == data.y_train).mean()))
+    elif labels == "whitebox-logits":
+        from ..losses import KDLoss
+        from ..whitebox import WhiteBoxTeacher, logits_in_batches
+
+        soft_logits = logits_in_batches(WhiteBoxTeacher.from_file(args.teacher), data.x_train)
+        kd = KDLoss(temperature=args.temperature)
+        extra["white_box"] = "standard KD: read the teacher's logits (upper reference, not label-only)"
     if oracle is not None:
         extra["teacher"] = oracle.name
     metrics = train_to_dir(args.out, args.arch, data.info, (data.x_train, targets), (data.x_test, data.y_test),
-                           config, oracle=oracle, extra_metrics=extra)
+                           config, oracle=oracle, soft_logits=soft_logits, kd=kd, extra_metrics=extra)
     print(f"{args.arch} on {args.dataset}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
           f"({metrics['seconds']:.0f} s); wrote {args.out}/model.pt, model.onnx, metrics.json, curve.png")
     if oracle is not None:
@@ -66,7 +75,10 @@ def run_teacher(args) -> int:
 def run_student(args) -> int:
     from ..errors import ConfigError
 
-    if args.labels == "teacher" and not args.teacher:
-        raise ConfigError("--labels teacher needs --teacher SPEC (a model.pt, model.onnx or http(s):// URL)")
+    if args.labels != "dataset" and not args.teacher:
+        raise ConfigError(f"--labels {args.labels} needs --teacher SPEC (a model.pt, model.onnx or http(s):// URL)")
+    if args.labels == "whitebox-logits" and args.teacher.startswith(("http://", "https://")):
+        raise ConfigError("--labels whitebox-logits reads logits, which a label service does not give: "
+                          "pass the teacher's model.pt or model.onnx")
     oracle = open_teacher(args.teacher, args.api_key) if args.teacher else None
-    return _train(args, oracle, use_teacher_labels=args.labels == "teacher")
+    return _train(args, oracle, labels=args.labels)

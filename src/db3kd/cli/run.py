@@ -1,0 +1,35 @@
+"""`db3kd run`: run a recipe's stages (soft labels, students, baselines), skipping those already done."""
+
+from __future__ import annotations
+
+import os
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "run", help="run a recipe: soft labels, students and baselines, cached per stage",
+        description="Run the experiment declared in a YAML recipe (see db3kd.recipe). Each stage is cached in the "
+                    "run directory: a rerun skips finished stages and recomputes only those whose config changed.")
+    parser.add_argument("recipe", metavar="RECIPE.yaml")
+    parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: the recipe's run_dir)")
+    parser.add_argument("--api-key", default=os.environ.get("DB3KD_API_KEY"),
+                        help="bearer token for a label-service teacher (default: $DB3KD_API_KEY; never in the recipe)")
+    parser.add_argument("--report", action="store_true", help="write and print the report when done")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..pipeline import run_recipe
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    records = run_recipe(recipe, args.out, api_key=args.api_key, progress=not args.quiet)
+    run_dir = args.out or recipe.run_dir
+    done = sum(r.status == "done" for r in records)
+    print(f"{recipe.name}: {done} stage(s) run, {len(records) - done} up to date; results in {run_dir}")
+    if args.report:
+        from ..report import write_report
+
+        print(write_report(run_dir))
+    return 0

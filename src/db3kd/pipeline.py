@@ -1,0 +1,302 @@
+"""Run a recipe (`db3kd.recipe`) as cached stages under a run directory.
+
+    RUN_DIR/recipe.resolved.yaml                      the recipe with every default and path resolved
+    RUN_DIR/soft_labels/<name>/                       a soft-label stage (compute_soft_labels: npz + manifest)
+    RUN_DIR/students/<name>-<arch>-seed<k>/           a student distilled on stage <name>'s soft labels
+    RUN_DIR/students/<name>-q<Q>-<arch>-seed<k>/      ... on an mbd stage's distances at Q queries per pair
+    RUN_DIR/students/ce-<arch>-seed<k>/               baseline: cross-entropy on the teacher's top-1 labels
+    RUN_DIR/students/standard-kd-<arch>-seed<k>/      baseline: white-box KD on the teacher's logits
+    RUN_DIR/run.json                                  what the last `db3kd run` did, stage by stage
+
+Every stage directory holds a `stage.json` with the hash of its resolved config and of its inputs (the
+soft-label stage a student learns from). It says "running" while the stage works and "done" once its
+results are complete. A rerun skips a stage whose stage.json is "done" with the same hash, resumes one left
+"running" with the same hash (soft-label shards survive), and clears and recomputes any other, so editing a
+recipe recomputes exactly the stages whose config or inputs changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .jobs import write_json
+from .recipe import Recipe, is_url, recipe_to_dict
+
+STAGE_FILE = "stage.json"
+RESOLVED_RECIPE = "recipe.resolved.yaml"
+
+
+@dataclass
+class Stage:
+    """One unit of cached work: its directory (relative to the run directory), kind and resolved config."""
+
+    name: str  # e.g. "soft_labels/bd", "students/bd-lenet5-half-seed0"
+    kind: str  # soft_labels | distill | ce | standard-kd
+    config: dict  # everything that determines its results (hashed)
+    inputs: list[str] = field(default_factory=list)  # names of the stages it reads
+    hash: str = ""
+
+    @property
+    def label(self) -> str:
+        """The report's method label: the soft-label stage (with @Q for a checkpoint) or the baseline."""
+        if self.kind == "distill":
+            q = self.config["checkpoint"]
+            return self.config["soft_labels"] + (f" @{q}" if q is not None else "")
+        return self.kind
+
+
+@dataclass
+class StageRecord:
+    """What a run did with one stage."""
+
+    name: str
+    status: str  # done | skipped
+    seconds: float
+
+
+def teacher_identity(spec: str) -> str:
+    """What the stage hashes know of the teacher: a file's SHA-256 (a retrained teacher invalidates them) or the URL."""
+    if is_url(spec):
+        return spec
+    digest = hashlib.sha256()
+    with open(spec, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
+    """Every stage of `recipe` in run order, with hashes (soft labels first, then students, then baselines)."""
+    data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": recipe.transfer.split,
+            "transfer_subset": recipe.transfer.subset}
+    train = dataclasses.asdict(recipe.students.train)
+    loss = dataclasses.asdict(recipe.students.loss)
+    stages: list[Stage] = []
+    for name, spec in recipe.soft_labels.items():
+        config = {**data, "kind": "soft_labels", "method": spec.method, "params": spec.params, "seed": spec.seed,
+                  "shard_size": spec.shard_size, "subset": spec.subset}
+        stages.append(Stage(f"soft_labels/{name}", "soft_labels", config))
+    students = recipe.students
+    for name, spec in recipe.soft_labels.items():
+        for checkpoint in [None, *spec.checkpoints()]:
+            tag = name if checkpoint is None else f"{name}-q{checkpoint}"
+            for arch in students.arch:
+                for seed in students.seeds:
+                    config = {**data, "kind": "distill", "soft_labels": name, "checkpoint": checkpoint, "arch": arch,
+                              "seed": seed, "train": train, "loss": loss}
+                    stages.append(Stage(f"students/{tag}-{arch}-seed{seed}", "distill", config, [f"soft_labels/{name}"]))
+    for baseline in recipe.baselines:
+        for arch in students.arch:
+            for seed in students.seeds:
+                config = {**data, "kind": baseline, "arch": arch, "seed": seed, "train": train,
+                          **({"loss": loss} if baseline == "standard-kd" else {})}
+                stages.append(Stage(f"students/{baseline}-{arch}-seed{seed}", baseline, config))
+    by_name: dict[str, Stage] = {}
+    for stage in stages:
+        if stage.name in by_name:  # e.g. a soft-label stage named like a baseline
+            raise ConfigError(f"two stages would share the directory {stage.name}; rename a soft_labels entry")
+        payload = {"config": stage.config, "inputs": {i: by_name[i].hash for i in stage.inputs}}
+        stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        by_name[stage.name] = stage
+    return stages
+
+
+def read_stage(directory: Path) -> dict | None:
+    """A stage directory's stage.json, or None if absent or unreadable."""
+    try:
+        return json.loads((directory / STAGE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class _Context:
+    """What stages share, loaded on first use: a rerun with nothing to do opens no data and no teacher."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, api_key: str | None, progress: bool):
+        self.recipe, self.run_dir, self.api_key, self.progress = recipe, run_dir, api_key, progress
+
+    @cached_property
+    def transfer_x(self) -> np.ndarray:
+        from .data import load_split
+
+        x, _ = load_split(self.recipe.dataset.name, self.recipe.transfer.split, self.recipe.dataset.data_dir)
+        subset = self.recipe.transfer.subset
+        if subset is not None and subset > len(x):
+            raise ConfigError(f"transfer.subset: expected at most {len(x)} (the {self.recipe.transfer.split} "
+                              f"split's size), got {subset}")
+        return x[:subset]
+
+    @cached_property
+    def test(self) -> tuple[np.ndarray, np.ndarray]:
+        from .data import load_split
+
+        return load_split(self.recipe.dataset.name, "test", self.recipe.dataset.data_dir)
+
+    @cached_property
+    def info(self):
+        from .data import dataset_info
+
+        return dataset_info(self.recipe.dataset.name)
+
+    @cached_property
+    def oracle(self):
+        from .cli.common import open_teacher
+
+        return open_teacher(self.recipe.teacher, self.api_key)
+
+
+def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key: str | None = None,
+               progress: bool = True) -> list[StageRecord]:
+    """Run every stage of `recipe` that is not already done with the same config; return what happened."""
+    import yaml
+
+    run_dir = Path(run_dir if run_dir is not None else recipe.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = recipe_to_dict(dataclasses.replace(recipe, run_dir=str(run_dir)))
+    _write_text(run_dir / RESOLVED_RECIPE, yaml.safe_dump(resolved, sort_keys=False))
+    stages = plan_stages(recipe, teacher_identity(recipe.teacher))
+    context = _Context(recipe, run_dir, api_key, progress)
+    runners = {"soft_labels": _soft_label_stage, "distill": _distill_stage, "ce": _ce_stage,
+               "standard-kd": _standard_kd_stage}
+    records = []
+    for i, stage in enumerate(stages, 1):
+        out = run_dir / stage.name
+        status = _prepare(out, stage)
+        started = time.perf_counter()
+        if status != "skipped":
+            before = read_stage(out) or {}
+            _write_stage(out, stage, "running")
+            summary = runners[stage.kind](context, stage, out)
+            _write_stage(out, stage, "done", seconds=time.perf_counter() - started, **summary,
+                         **({"resumed": True} if before.get("status") == "running" else {}))
+            status = "done"
+        record = StageRecord(stage.name, status, round(time.perf_counter() - started, 2))
+        records.append(record)
+        print(f"[{i}/{len(stages)}] {stage.name}: {status}" + ("" if status == "skipped" else f" ({record.seconds:.1f} s)"),
+              flush=True)
+    write_json(run_dir / "run.json", {"recipe": recipe.name, "stages": [dataclasses.asdict(r) for r in records]})
+    return records
+
+
+def _prepare(out: Path, stage: Stage) -> str:
+    """'skipped' if `out` is done with this hash; else make it ready: resumed if it was running this hash, else clean."""
+    state = read_stage(out)
+    if state is not None and state.get("hash") == stage.hash:
+        if state.get("status") == "done":
+            return "skipped"
+        if state.get("status") == "running":
+            return "resume"
+    if out.exists():
+        shutil.rmtree(out)  # another config's results: never mixed with this one's
+    out.mkdir(parents=True)
+    return "fresh"
+
+
+def _write_stage(out: Path, stage: Stage, status: str, **summary) -> None:
+    write_json(out / STAGE_FILE, {"stage": stage.name, "kind": stage.kind, "status": status, "hash": stage.hash,
+                                  "inputs": stage.inputs, "config": stage.config, **summary,
+                                  "finished" if status == "done" else "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --- the stages ---------------------------------------------------------------------------------------------
+# Each returns a summary for stage.json: teacher queries for the transfer set and for evaluation, counted apart.
+
+def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    from .soft_labels import SoftLabelConfig, compute_soft_labels
+
+    name = stage.name.split("/", 1)[1]
+    spec = ctx.recipe.soft_labels[name]
+    x = ctx.transfer_x  # the transfer images are also the reference samples (candidate directions)
+    if spec.subset is not None and spec.subset > len(x):
+        raise ConfigError(f"soft_labels.{name}.subset: expected at most {len(x)} (the transfer set's size), got {spec.subset}")
+    indices = np.arange(spec.subset or len(x))
+    config = SoftLabelConfig(spec.method, dict(spec.params), spec.seed, spec.shard_size)
+    run_info = {"teacher": ctx.recipe.teacher, "dataset": ctx.recipe.dataset.name, "split": ctx.recipe.transfer.split}
+    manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress)
+    return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0},
+            "soft_label_seconds": manifest["seconds"]}
+
+
+def _distill_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    from .losses import KDLoss
+    from .robustness import distances_to_logits
+    from .transfer import load_transfer_set
+
+    source = ctx.run_dir / stage.inputs[0]
+    transfer = load_transfer_set(source, ctx.recipe.dataset.data_dir)
+    manifest, logits = transfer.manifest, transfer.logits
+    queries, per_pair = manifest["total_queries"], manifest["queries_per_pair"]
+    checkpoint = stage.config["checkpoint"]
+    if checkpoint is not None:
+        # The distances MBD had reached after `checkpoint` queries per pair, and what they had cost by then.
+        with np.load(source / "soft_labels.npz", allow_pickle=False) as data:
+            at = list(data["checkpoints"]).index(checkpoint)
+            logits = distances_to_logits(data["distances_at"][at], transfer.labels).astype(np.float32)
+            spent = np.minimum(data["queries"], checkpoint)  # (N, K)
+            estimated = data["queries"] > 0
+        queries = int(manifest["reference_label_queries"] + spent.sum())
+        per_pair = float(spent[estimated].mean()) if estimated.any() else 0.0
+    extra = {"stage": stage.name, "method": stage.label, "estimator": manifest["method"], "checkpoint": checkpoint,
+             "soft_labels": stage.inputs[0], "teacher": ctx.recipe.teacher, "teacher_queries_transfer": queries,
+             "transfer_samples": len(transfer.images), "queries_per_pair": per_pair,
+             "soft_label_seconds": manifest["seconds"], "white_box": False}
+    return _train_student(ctx, stage, out, (transfer.images, transfer.labels), extra,
+                          soft_logits=logits, kd=KDLoss(**stage.config["loss"]))
+
+
+def _ce_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    from .jobs import teacher_labels
+
+    labels, queries = teacher_labels(ctx.oracle, ctx.transfer_x)
+    extra = {"stage": stage.name, "method": "ce", "teacher": ctx.recipe.teacher, "teacher_queries_transfer": queries,
+             "transfer_samples": len(labels), "queries_per_pair": None, "white_box": False}
+    return _train_student(ctx, stage, out, (ctx.transfer_x, labels), extra)
+
+
+def _standard_kd_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    # The white-box reference: the only stage that reads logits, and the only importer of db3kd.whitebox here.
+    import torch
+
+    from .losses import KDLoss
+    from .whitebox import WhiteBoxTeacher
+
+    teacher = WhiteBoxTeacher.from_file(ctx.recipe.teacher)
+    x = ctx.transfer_x
+    with torch.no_grad():
+        logits = np.concatenate([teacher.logits(x[i:i + 1000]).cpu().numpy() for i in range(0, len(x), 1000)])
+    labels = logits.argmax(axis=1).astype(np.int64)  # hard labels: the teacher's top-1, as for every student
+    extra = {"stage": stage.name, "method": "standard-kd", "teacher": ctx.recipe.teacher, "teacher_queries_transfer": 0,
+             "white_box_forward_passes": len(x), "transfer_samples": len(x), "queries_per_pair": None, "white_box": True}
+    return _train_student(ctx, stage, out, (x, labels), extra, soft_logits=logits.astype(np.float32),
+                          kd=KDLoss(**stage.config["loss"]))
+
+
+def _train_student(ctx: _Context, stage: Stage, out: Path, train: tuple, extra: dict, soft_logits=None, kd=None) -> dict:
+    from .jobs import train_to_dir
+    from .training import TrainConfig
+
+    config = TrainConfig(**stage.config["train"], seed=stage.config["seed"])
+    metrics = train_to_dir(out, stage.config["arch"], ctx.info, train, ctx.test, config, oracle=ctx.oracle,
+                           soft_logits=soft_logits, kd=kd, extra_metrics=extra, progress=ctx.progress)
+    # Transfer queries this stage spent itself (the CE baseline's labels); a distilled student's were spent by
+    # its soft-label stage, and are in its metrics.json as teacher_queries_transfer.
+    spent = extra["teacher_queries_transfer"] if stage.kind == "ce" else 0
+    return {"teacher_queries": {"transfer": spent, "eval": metrics["teacher_queries_eval"]},
+            "test_accuracy": metrics["test_accuracy"], "fidelity": metrics["fidelity"]}

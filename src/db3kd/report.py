@@ -1,0 +1,153 @@
+"""The report of a `db3kd run` directory: a Markdown table (report.md) and accuracy_vs_queries.png.
+
+One row per (method, student architecture), mean ± std over the seeds that finished: test accuracy,
+fidelity to the teacher, teacher queries per transfer sample, queries per (sample, class) pair, soft-label
+and training seconds. Stages the recipe declares but the run has not finished are listed, not guessed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .pipeline import RESOLVED_RECIPE, Stage, plan_stages, read_stage
+
+WHITE_BOX_NOTE = "white-box (reads logits; upper reference)"
+
+
+def write_report(run_dir: str | Path) -> str:
+    """Write run_dir/report.md and run_dir/accuracy_vs_queries.png; return the Markdown."""
+    from .recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RESOLVED_RECIPE).is_file():
+        raise DataError(f"{run_dir} is not a run directory: no {RESOLVED_RECIPE} (made by `db3kd run`)")
+    recipe = load_recipe(run_dir / RESOLVED_RECIPE, check_files=False)  # the teacher need not be here any more
+    stages = plan_stages(recipe)
+    results, missing = collect(run_dir, stages)
+    rows = summarise(results)
+    lines = [f"# {recipe.name}", "",
+             f"Teacher `{recipe.teacher}`, dataset {recipe.dataset.name} ({recipe.transfer.split} split"
+             f"{'' if recipe.transfer.subset is None else f', first {recipe.transfer.subset}'} as transfer set), "
+             f"students {', '.join(recipe.students.arch)}, seeds {recipe.students.seeds}.", "",
+             _table(rows), "",
+             "Mean ± std over seeds. Queries per transfer sample: the teacher queries of the stage that made the "
+             "labels (reference labels included) over its samples; evaluation queries (fidelity) are not counted. "
+             "`@Q`: a student trained on MBD's distances after Q queries per pair.", ""]
+    if missing:
+        lines += ["## Missing", "", *[f"- `{name}`: {why}" for name, why in missing], ""]
+    plot = plot_accuracy_vs_queries(rows, run_dir / "accuracy_vs_queries.png")
+    if plot is not None:
+        lines += [f"![accuracy against queries per pair]({plot.name})", ""]
+    text = "\n".join(lines)
+    (run_dir / "report.md").write_text(text)
+    return text
+
+
+def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[str, str]]]:
+    """Finished students' metrics (with their stage) and the stages not finished, with the reason."""
+    results, missing = [], []
+    for stage in stages:
+        state = read_stage(run_dir / stage.name)
+        if state is None:
+            missing.append((stage.name, "not run"))
+        elif state.get("status") != "done":
+            missing.append((stage.name, f"unfinished ({state.get('status')})"))
+        elif stage.kind != "soft_labels":
+            try:
+                metrics = json.loads((run_dir / stage.name / "metrics.json").read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                missing.append((stage.name, f"metrics.json unreadable ({e})"))
+                continue
+            results.append({"label": stage.label, "kind": stage.kind, "arch": stage.config["arch"], **metrics})
+    return results, missing
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    """One row per (label, arch), in first-seen order, with mean and std over seeds."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in results:
+        groups[r["label"], r["arch"]].append(r)
+    order = {"ce": 0, "distill": 1, "standard-kd": 2}  # the white-box reference last
+    rows = []
+    for (label, arch), runs in sorted(groups.items(), key=lambda g: order[g[1][0]["kind"]]):
+        first = runs[0]
+        samples = first.get("transfer_samples")
+        rows.append({
+            "label": label, "kind": first["kind"], "arch": arch, "seeds": len(runs),
+            "accuracy": _stats([r["test_accuracy"] for r in runs]),
+            "fidelity": _stats([r.get("fidelity") for r in runs]),
+            "queries_per_sample": None if first.get("white_box") or not samples
+            else first["teacher_queries_transfer"] / samples,
+            "queries_per_pair": first.get("queries_per_pair"),
+            "soft_label_seconds": first.get("soft_label_seconds"),
+            "train_seconds": _stats([r.get("seconds") for r in runs]),
+        })
+    return rows
+
+
+def _stats(values: list) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None]
+    return (float(np.mean(values)), float(np.std(values))) if values else None
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "_No student has finished yet._"
+    header = ["method", "student", "seeds", "test accuracy", "fidelity", "queries / transfer sample",
+              "queries / pair", "soft-label time (s)", "training time (s)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        label = f"{row['label']} — {WHITE_BOX_NOTE}" if row["kind"] == "standard-kd" else row["label"]
+        cells = [label, row["arch"], str(row["seeds"]), _pm(row["accuracy"], 4), _pm(row["fidelity"], 4),
+                 _num(row["queries_per_sample"], 1), _num(row["queries_per_pair"], 1),
+                 _num(row["soft_label_seconds"], 1), _pm(row["train_seconds"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _pm(stats, digits: int) -> str:
+    return "—" if stats is None else f"{stats[0]:.{digits}f} ± {stats[1]:.{digits}f}"
+
+
+def _num(value, digits: int) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
+    """Student accuracy against queries per pair, one colour per architecture; baselines as horizontal lines."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for colour, arch in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], dict.fromkeys(r["arch"] for r in rows)):
+        points = sorted((r for r in rows if r["arch"] == arch and r["kind"] == "distill"),
+                        key=lambda r: r["queries_per_pair"])
+        if points:
+            x = [r["queries_per_pair"] for r in points]
+            ax.errorbar(x, [r["accuracy"][0] for r in points], yerr=[r["accuracy"][1] for r in points],
+                        fmt="o", color=colour, capsize=3, label=arch)
+            for r in points:
+                ax.annotate(r["label"], (r["queries_per_pair"], r["accuracy"][0]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+        for r in rows:
+            if r["arch"] == arch and r["kind"] in ("ce", "standard-kd"):
+                style = "--" if r["kind"] == "ce" else ":"
+                name = "CE on top-1 labels" if r["kind"] == "ce" else "standard KD (white-box)"
+                ax.axhline(r["accuracy"][0], linestyle=style, color=colour, linewidth=1, label=f"{arch}: {name}")
+    ax.set(xlabel="teacher queries per (sample, class) pair", ylabel="student test accuracy",
+           title="Student accuracy against soft-label queries")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

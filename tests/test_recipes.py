@@ -1,0 +1,233 @@
+"""Recipes and `db3kd run` / `db3kd report`: schema errors, stage caching, the white-box boundary."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from db3kd.errors import ConfigError
+from db3kd.pipeline import plan_stages, run_recipe
+from db3kd.recipe import load_recipe, parse_recipe
+from db3kd.report import WHITE_BOX_NOTE, write_report
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def tiny_recipe(teacher: Path) -> dict:
+    """Seconds of work: 120 transfer images, three soft-label methods, one student, both baselines."""
+    return {
+        "name": "tiny",
+        "dataset": {"name": "digits"},
+        "teacher": str(teacher),
+        "transfer": {"split": "train", "subset": 120},
+        "soft_labels": {
+            "sd": {"method": "sd"},
+            "bd": {"method": "bd", "params": {"max_queries": 12}},
+            "mbd": {"method": "mbd", "params": {"budget": 40, "checkpoints": [20, 40], "probes": 8},
+                    "subset": 40, "checkpoint_students": True},
+        },
+        "students": {"arch": ["lenet5-fifth"], "seeds": [0], "train": {"epochs": 1, "batch_size": 64, "lr": 0.003}},
+        "baselines": ["ce", "standard-kd"],
+    }
+
+
+def write_recipe(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))  # keep the recipe's order: it is the report's
+    return path
+
+
+def run(raw: dict, tmp: Path, run_dir: Path) -> dict[str, str]:
+    records = run_recipe(load_recipe(write_recipe(tmp / "recipe.yaml", raw)), run_dir, progress=False)
+    return {r.name: r.status for r in records}
+
+
+def stage_mtimes(run_dir: Path) -> dict[str, float]:
+    return {str(p.parent.relative_to(run_dir)): p.stat().st_mtime_ns for p in run_dir.glob("*/*/stage.json")}
+
+
+@pytest.fixture(scope="module")
+def base_run(digits_teacher, tmp_path_factory):
+    """The tiny recipe run once, counting which stages read the teacher's logits."""
+    from db3kd.whitebox import WhiteBoxTeacher
+
+    tmp = tmp_path_factory.mktemp("recipe")
+    callers = []
+    original = WhiteBoxTeacher.logits
+
+    def counting_logits(self, x):
+        import inspect
+
+        callers.append([frame.function for frame in inspect.stack()])
+        return original(self, x)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(WhiteBoxTeacher, "logits", counting_logits)
+        statuses = run(tiny_recipe(digits_teacher), tmp, tmp / "run")
+    return tmp, tmp / "run", statuses, callers
+
+
+@pytest.fixture
+def copied_run(base_run, tmp_path):
+    """A private copy of the base run directory, for tests that edit the recipe."""
+    _, run_dir, _, _ = base_run
+    shutil.copytree(run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_recipe_runs_end_to_end_and_reports(base_run):
+    _, run_dir, statuses, _ = base_run
+    assert set(statuses.values()) == {"done"}
+    assert set(statuses) == {
+        "soft_labels/sd", "soft_labels/bd", "soft_labels/mbd",
+        "students/sd-lenet5-fifth-seed0", "students/bd-lenet5-fifth-seed0", "students/mbd-lenet5-fifth-seed0",
+        "students/mbd-q20-lenet5-fifth-seed0",  # the checkpoint below the budget; q40 is mbd itself
+        "students/ce-lenet5-fifth-seed0", "students/standard-kd-lenet5-fifth-seed0"}
+    resolved = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
+    assert resolved["students"]["loss"]["temperature"] == 20.0 and resolved["run_dir"] == str(run_dir)
+    ce = json.loads((run_dir / "students/ce-lenet5-fifth-seed0/stage.json").read_text())
+    assert ce["teacher_queries"]["transfer"] == 120 and ce["teacher_queries"]["eval"] == 359
+
+    text = write_report(run_dir)
+    assert text == (run_dir / "report.md").read_text()
+    assert (run_dir / "accuracy_vs_queries.png").stat().st_size > 0
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "lenet5-fifth" in line]
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [
+        "ce", "sd", "bd", "mbd", "mbd @20", f"standard-kd — {WHITE_BOX_NOTE}"]
+    ce_row = rows[0].split(" | ")
+    assert ce_row[5] == "1.0"  # one label query per transfer sample
+    assert "Missing" not in text
+
+
+def test_only_standard_kd_reads_teacher_logits(base_run):
+    *_, callers = base_run
+    assert callers, "the standard-kd baseline never read the teacher's logits"
+    assert all("_standard_kd_stage" in stack for stack in callers)
+
+
+def test_rerun_skips_every_stage(base_run, tmp_path, copied_run):
+    tmp, _, _, _ = base_run
+    before = stage_mtimes(copied_run)
+    statuses = run(tiny_recipe_from(copied_run), tmp_path, copied_run)
+    assert set(statuses.values()) == {"skipped"}
+    assert stage_mtimes(copied_run) == before
+
+
+def tiny_recipe_from(run_dir: Path) -> dict:
+    """The recipe a run directory was made with (resolved), as raw YAML data to edit."""
+    raw = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
+    raw.pop("run_dir")
+    return copy.deepcopy(raw)
+
+
+def test_editing_epochs_retrains_students_only(tmp_path, copied_run):
+    raw = tiny_recipe_from(copied_run)
+    raw["students"]["train"]["epochs"] = 2
+    statuses = run(raw, tmp_path, copied_run)
+    assert {name for name, s in statuses.items() if s == "done"} == {n for n in statuses if n.startswith("students/")}
+    assert all(statuses[f"soft_labels/{m}"] == "skipped" for m in ("sd", "bd", "mbd"))
+    metrics = json.loads((copied_run / "students/bd-lenet5-fifth-seed0/metrics.json").read_text())
+    assert metrics["epochs"] == 2
+
+
+def test_editing_soft_label_params_recomputes_that_stage_and_its_students(tmp_path, copied_run):
+    raw = tiny_recipe_from(copied_run)
+    raw["soft_labels"]["bd"]["params"]["max_queries"] = 10
+    statuses = run(raw, tmp_path, copied_run)
+    assert {name for name, s in statuses.items() if s == "done"} == {
+        "soft_labels/bd", "students/bd-lenet5-fifth-seed0"}
+    manifest = json.loads((copied_run / "soft_labels/bd/manifest.json").read_text())
+    assert manifest["params"] == {"max_queries": 10}
+
+
+def test_report_lists_missing_stages(tmp_path, copied_run):
+    shutil.rmtree(copied_run / "students/sd-lenet5-fifth-seed0")
+    state = json.loads((copied_run / "soft_labels/mbd/stage.json").read_text())
+    (copied_run / "soft_labels/mbd/stage.json").write_text(json.dumps({**state, "status": "running"}))
+    text = write_report(copied_run)
+    assert "`students/sd-lenet5-fifth-seed0`: not run" in text
+    assert "`soft_labels/mbd`: unfinished (running)" in text
+    assert "| bd | lenet5-fifth |" in text
+
+
+def test_cli_run_and_report(digits_teacher, tmp_path, capsys):
+    from db3kd.cli import main
+
+    raw = tiny_recipe(digits_teacher)
+    raw["soft_labels"] = {"sd": {"method": "sd"}}
+    raw["baselines"] = []
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "[1/2] soft_labels/sd: done" in capsys.readouterr().out
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "[2/2] students/sd-lenet5-fifth-seed0: skipped" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "run")]) == 0
+    assert "| sd | lenet5-fifth | 1 |" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "absent.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+
+
+def _edit(raw: dict, path: str, value) -> dict:
+    raw = copy.deepcopy(raw)
+    *parents, last = path.split(".")
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return raw
+
+
+@pytest.mark.parametrize("path, value, message", [
+    ("students.trian", {}, r"^students\.trian: unknown key; expected one of arch, seeds, train, loss$"),
+    ("colour", "red", r"^colour: unknown key; expected one of name, dataset, teacher, students"),
+    ("soft_labels.bd.param", {}, r"^soft_labels\.bd\.param: unknown key; expected one of method, params"),
+    ("students.train.epochs", -1, r"^students\.train\.epochs: expected a positive integer, got -1$"),
+    ("students.train.epochs", "ten", r"^students\.train\.epochs: expected int, got 'ten'$"),
+    ("students.train.lr", True, r"^students\.train\.lr: expected a number, got True$"),
+    ("students.arch", ["lenet6"], r"^students\.arch: expected models from .*lenet5-half.*, got 'lenet6'$"),
+    ("students.arch", "lenet5", r"^students\.arch: expected a list, got 'lenet5'$"),
+    ("dataset.name", "imagenet", r"^dataset\.name: expected one of mnist, .*digits, got 'imagenet'$"),
+    ("soft_labels.bd.method", "xd", r"^soft_labels\.bd\.method: expected one of sd, bd, mbd, got 'xd'$"),
+    ("soft_labels.bd.params", {"budget": 5}, r"^soft_labels\.bd\.params: unknown parameter\(s\) 'budget'"),
+    ("soft_labels.bd.checkpoint_students", True, r"^soft_labels\.bd\.checkpoint_students: expected false unless"),
+    ("soft_labels.Bad-Name", {"method": "sd"}, r"^soft_labels\.Bad-Name: expected a stage name"),
+    ("transfer.split", "val", r"^transfer\.split: expected 'train' or 'test', got 'val'$"),
+    ("baselines", ["ce", "kd"], r"^baselines: expected names from ce, standard-kd, got 'kd'$"),
+    ("teacher", "http://localhost:1", r"^baselines: expected no standard-kd with a teacher behind a URL"),
+    ("students.loss.reduction", "mean", r"^students\.loss\.reduction: expected 'sum' or 'batchmean', got 'mean'$"),
+], ids=lambda v: v if isinstance(v, str) and not v.startswith("^") else None)
+def test_bad_recipes_are_refused_precisely(digits_teacher, path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe(_edit(tiny_recipe(digits_teacher), path, value))
+
+
+def test_missing_fields_and_files_are_refused(digits_teacher, tmp_path):
+    raw = tiny_recipe(digits_teacher)
+    del raw["teacher"]
+    with pytest.raises(ConfigError, match=r"^teacher: missing; Recipe needs teacher$"):
+        parse_recipe(raw)
+    with pytest.raises(ConfigError, match=r"teacher: file not found: .*nowhere\.onnx \(relative paths are relative"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", {**tiny_recipe(digits_teacher), "teacher": "nowhere.onnx"}))
+    with pytest.raises(ConfigError, match=r"recipe file not found: .*absent\.yaml"):
+        load_recipe(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_transfer_subset_larger_than_split_is_refused(digits_teacher, tmp_path):
+    raw = _edit(tiny_recipe(digits_teacher), "transfer.subset", 10_000)
+    with pytest.raises(ConfigError, match=r"^transfer\.subset: expected at most 1438 .*, got 10000$"):
+        run(raw, tmp_path, tmp_path / "run")
+
+
+@pytest.mark.parametrize("name", ["mnist-db3kd.yaml", "digits-db3kd.yaml"])
+def test_shipped_recipes_are_valid(name):
+    recipe = load_recipe(RECIPES / name, check_files=False)  # the teachers may not be made yet
+    stages = plan_stages(recipe)
+    assert any(s.kind == "standard-kd" for s in stages) and any(s.config.get("checkpoint") for s in stages)
+    assert Path(recipe.teacher).is_absolute()
