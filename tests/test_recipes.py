@@ -109,8 +109,7 @@ def test_only_standard_kd_reads_teacher_logits(base_run):
     assert all("_standard_kd_stage" in stack for stack in callers)
 
 
-def test_rerun_skips_every_stage(base_run, tmp_path, copied_run):
-    tmp, _, _, _ = base_run
+def test_rerun_skips_every_stage(tmp_path, copied_run):
     before = stage_mtimes(copied_run)
     statuses = run(tiny_recipe_from(copied_run), tmp_path, copied_run)
     assert set(statuses.values()) == {"skipped"}
@@ -195,10 +194,12 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("soft_labels.bd.params", {"budget": 5}, r"^soft_labels\.bd\.params: unknown parameter\(s\) 'budget'"),
     ("soft_labels.bd.checkpoint_students", True, r"^soft_labels\.bd\.checkpoint_students: expected false unless"),
     ("soft_labels.Bad-Name", {"method": "sd"}, r"^soft_labels\.Bad-Name: expected a stage name"),
+    ("soft_labels.mbd.subset", 500, r"^soft_labels\.mbd\.subset: expected at most transfer\.subset = 120, got 500$"),
     ("transfer.split", "val", r"^transfer\.split: expected 'train' or 'test', got 'val'$"),
     ("baselines", ["ce", "kd"], r"^baselines: expected names from ce, standard-kd, got 'kd'$"),
     ("teacher", "http://localhost:1", r"^baselines: expected no standard-kd with a teacher behind a URL"),
-    ("students.loss.reduction", "mean", r"^students\.loss\.reduction: expected 'sum' or 'batchmean', got 'mean'$"),
+    ("students.train.batch_size", 0, r"^students\.train\.batch_size: expected a positive integer, got 0$"),
+    ("students.loss", {"reduction": "mean"}, r"^students\.loss\.reduction: expected 'sum' or 'batchmean', got 'mean'$"),
 ], ids=lambda v: v if isinstance(v, str) and not v.startswith("^") else None)
 def test_bad_recipes_are_refused_precisely(digits_teacher, path, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -45,7 +45,8 @@ class Stage:
     kind: str  # soft_labels | distill | ce | standard-kd
     config: dict  # everything that determines its results (hashed)
     inputs: list[str] = field(default_factory=list)  # names of the stages it reads
-    hash: str = ""
+    hash: str = ""  # of config and the inputs' hashes; set by plan_stages
+    input_hashes: dict[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -106,7 +107,8 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
     for stage in stages:
         if stage.name in by_name:  # e.g. a soft-label stage named like a baseline
             raise ConfigError(f"two stages would share the directory {stage.name}; rename a soft_labels entry")
-        payload = {"config": stage.config, "inputs": {i: by_name[i].hash for i in stage.inputs}}
+        stage.input_hashes = {i: by_name[i].hash for i in stage.inputs}
+        payload = {"config": stage.config, "inputs": stage.input_hashes}
         stage.hash = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
         by_name[stage.name] = stage
     return stages
@@ -205,7 +207,7 @@ def _prepare(out: Path, stage: Stage) -> str:
 
 def _write_stage(out: Path, stage: Stage, status: str, **summary) -> None:
     write_json(out / STAGE_FILE, {"stage": stage.name, "kind": stage.kind, "status": status, "hash": stage.hash,
-                                  "inputs": stage.inputs, "config": stage.config, **summary,
+                                  "inputs": stage.input_hashes, "config": stage.config, **summary,
                                   "finished" if status == "done" else "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
@@ -272,15 +274,11 @@ def _ce_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
 
 def _standard_kd_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     # The white-box reference: the only stage that reads logits, and the only importer of db3kd.whitebox here.
-    import torch
-
     from .losses import KDLoss
-    from .whitebox import WhiteBoxTeacher
+    from .whitebox import WhiteBoxTeacher, logits_in_batches
 
-    teacher = WhiteBoxTeacher.from_file(ctx.recipe.teacher)
     x = ctx.transfer_x
-    with torch.no_grad():
-        logits = np.concatenate([teacher.logits(x[i:i + 1000]).cpu().numpy() for i in range(0, len(x), 1000)])
+    logits = logits_in_batches(WhiteBoxTeacher.from_file(ctx.recipe.teacher), x)
     labels = logits.argmax(axis=1).astype(np.int64)  # hard labels: the teacher's top-1, as for every student
     extra = {"stage": stage.name, "method": "standard-kd", "teacher": ctx.recipe.teacher, "teacher_queries_transfer": 0,
              "white_box_forward_passes": len(x), "transfer_samples": len(x), "queries_per_pair": None, "white_box": True}

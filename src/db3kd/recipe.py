@@ -210,6 +210,9 @@ class Recipe:
         _expect(len(set(self.baselines)) == len(self.baselines), "baselines", "distinct names", self.baselines)
         _expect(bool(self.soft_labels or self.baselines), "soft_labels",
                 "at least one soft-label stage or baseline", self.soft_labels)
+        for stage, spec in self.soft_labels.items():
+            _expect(spec.subset is None or self.transfer.subset is None or spec.subset <= self.transfer.subset,
+                    f"soft_labels.{stage}.subset", f"at most transfer.subset = {self.transfer.subset}", spec.subset)
         if "standard-kd" in self.baselines:
             _expect(not is_url(self.teacher), "baselines",
                     "no standard-kd with a teacher behind a URL (it reads logits: needs a model file)", self.baselines)

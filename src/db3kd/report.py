@@ -135,6 +135,11 @@ def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
             x = [r["queries_per_pair"] for r in points]
             ax.errorbar(x, [r["accuracy"][0] for r in points], yerr=[r["accuracy"][1] for r in points],
                         fmt="o", color=colour, capsize=3, label=arch)
+            for stage in dict.fromkeys(r["label"].split(" @")[0] for r in points):  # mbd and its checkpoints: a curve
+                curve = [r for r in points if r["label"].split(" @")[0] == stage]
+                if len(curve) > 1:
+                    ax.plot([r["queries_per_pair"] for r in curve], [r["accuracy"][0] for r in curve], "-",
+                            color=colour, alpha=0.5)
             for r in points:
                 ax.annotate(r["label"], (r["queries_per_pair"], r["accuracy"][0]), textcoords="offset points",
                             xytext=(4, 4), fontsize=8)

@@ -17,6 +17,18 @@ import numpy as np
 from .errors import ConfigError, DataError
 
 
+def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    """`np.savez` to a temporary file, flushed to disk, then renamed: the file is complete or absent."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
 class ShardStore:
     """Atomic, fingerprinted shard files under `root`.
 
@@ -61,14 +73,7 @@ class ShardStore:
 
     def write(self, shard: int, **arrays: np.ndarray) -> Path:
         """Write one shard atomically: complete or absent, never half-written."""
-        final = self.path(shard)
-        tmp = final.with_name(final.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        return final
+        return save_npz_atomic(self.path(shard), **arrays)
 
     def read(self, shard: int) -> dict[str, np.ndarray]:
         path = self.path(shard)

@@ -23,7 +23,7 @@ from .errors import BudgetExceededError, ConfigError, DataError
 from .jobs import write_json
 from .oracle import LabelOracle
 from .robustness import ESTIMATORS, distances_to_logits, estimator_from_name
-from .shards import ShardStore
+from .shards import ShardStore, save_npz_atomic
 
 
 @dataclass
@@ -78,10 +78,7 @@ def reference_labels(store: ShardStore, oracle: LabelOracle, reference_x: np.nda
     before = oracle.queries
     labels = oracle.labels(reference_x)
     queries = oracle.queries - before
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, labels=labels, queries=queries)
-    os.replace(tmp, path)
+    save_npz_atomic(path, labels=labels, queries=queries)
     return labels, queries
 
 
@@ -115,15 +112,15 @@ def compute_soft_labels(
     store = ShardStore(out, fingerprint)
     ref_labels, label_queries = reference_labels(store, oracle, x)
     k = oracle.num_classes
-    shards = range((len(indices) + config.shard_size - 1) // config.shard_size)
+    chunks = [indices[i:i + config.shard_size] for i in range(0, len(indices), config.shard_size)]
+    shards = range(len(chunks))
     todo = [s for s in shards if not store.done(s)]
     pairs_per_sample = k - 1
     bar = tqdm(total=len(indices) * pairs_per_sample, unit="pair", desc=f"{config.method} soft labels",
                disable=not progress, mininterval=1 if sys.stderr.isatty() else 30)  # sparse lines in logs
-    done_samples = len(indices) - sum(len(indices[s * config.shard_size:(s + 1) * config.shard_size]) for s in todo)
-    bar.update(done_samples * pairs_per_sample)
+    bar.update((len(indices) - sum(len(chunks[s]) for s in todo)) * pairs_per_sample)
     for s in todo:
-        idx = indices[s * config.shard_size:(s + 1) * config.shard_size]
+        idx = chunks[s]
         started, before = time.perf_counter(), oracle.queries
         result = _estimate(config, oracle, x, idx, ref_labels)
         if result.budget_exhausted:
@@ -160,10 +157,7 @@ def _finish(store: ShardStore, shards: range, label_queries: int, run_info: dict
         arrays["checkpoints"] = merged["checkpoints"][0]
     if "points" in merged:
         arrays["points"] = merged["points"]
-    tmp = out / "soft_labels.npz.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, out / "soft_labels.npz")
+    save_npz_atomic(out / "soft_labels.npz", **arrays)
     pair_mask = np.isfinite(arrays["distances"]) | (arrays["queries"] > 0)
     estimator_queries = int(merged["shard_queries"].sum())
     manifest = {
