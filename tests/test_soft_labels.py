@@ -156,3 +156,11 @@ def test_indices_file_selects_samples(digits_teacher, tmp_path):
     np.save(tmp_path / "idx.npy", np.array([5, 2, 9]))
     assert soft_labels(digits_teacher, tmp_path / "run", "--method", "sd", "--indices", str(tmp_path / "idx.npy")) == 0
     np.testing.assert_array_equal(load(tmp_path / "run")["indices"], [5, 2, 9])
+
+
+def test_mbd_budget_without_checkpoints_records_the_budget(digits_teacher, tmp_path):
+    out = tmp_path / "mbd"
+    assert soft_labels(digits_teacher, out, "--method", "mbd", "--subset", "3", "--budget", "150") == 0
+    r = load(out)
+    np.testing.assert_array_equal(r["checkpoints"], [150])
+    np.testing.assert_array_equal(r["distances_at"][0], r["distances"])

@@ -47,6 +47,9 @@ def estimator_params(args) -> dict:
             params["checkpoints"] = [int(q) for q in args.checkpoints.split(",")]
         except ValueError:
             raise ConfigError(f"--checkpoints: expected comma-separated integers like 250,500,1000, got {args.checkpoints!r}") from None
+    elif args.method == "mbd" and args.budget is not None:
+        # Without --checkpoints: the usual ones below the budget, and the budget itself.
+        params["checkpoints"] = [q for q in (250, 500, 1000, 2000) if q < args.budget] + [args.budget]
     return params
 
 
