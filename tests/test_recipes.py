@@ -199,7 +199,7 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("baselines", ["ce", "kd"], r"^baselines: expected names from ce, standard-kd, got 'kd'$"),
     ("teacher", "http://localhost:1", r"^baselines: expected no standard-kd with a teacher behind a URL"),
     ("students.train.batch_size", 0, r"^students\.train\.batch_size: expected a positive integer, got 0$"),
-    ("students.loss", {"reduction": "mean"}, r"^students\.loss\.reduction: expected 'sum' or 'batchmean', got 'mean'$"),
+    ("students.loss", {"reduction": "mean"}, r"^students\.loss: reduction must be 'sum' or 'batchmean', got 'mean'$"),
 ], ids=lambda v: v if isinstance(v, str) and not v.startswith("^") else None)
 def test_bad_recipes_are_refused_precisely(digits_teacher, path, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__
 from .checkpoint import ModelSpec, export_onnx, save_checkpoint
@@ -82,6 +83,7 @@ def train_to_dir(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec(arch=arch, input_shape=info.input_shape, num_classes=info.num_classes, dataset=info.name)
+    torch.manual_seed(config.seed)  # the initial weights too: a run is reproducible from its seed alone
     model = build_model(arch, info.input_shape, info.num_classes)
     metrics: dict = {"arch": arch, "dataset": info.name, "parameters": count_parameters(model),
                      "train_samples": len(train[0]), "version": __version__, **(extra_metrics or {})}

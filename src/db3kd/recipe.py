@@ -46,8 +46,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError
+from .losses import KDLoss
 
-__all__ = ["BASELINES", "DatasetSpec", "LossSpec", "Recipe", "SoftLabelStageSpec", "StudentsSpec", "TrainSpec",
+__all__ = ["BASELINES", "DatasetSpec", "Recipe", "SoftLabelStageSpec", "StudentsSpec", "TrainSpec",
            "TransferSpec", "load_recipe", "parse_recipe", "recipe_to_dict"]
 
 BASELINES = ("ce", "standard-kd")
@@ -149,31 +150,13 @@ class TrainSpec:
 
 
 @dataclass
-class LossSpec:
-    """The distillation loss (`db3kd.losses.KDLoss`); paper defaults."""
-
-    temperature: float = 20.0
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0
-    t2_scaling: bool = False
-    reduction: str = "sum"
-
-    def __post_init__(self):
-        _expect(self.temperature > 0, "temperature", "a number > 0", self.temperature)
-        _expect(self.ce_weight >= 0, "ce_weight", "a number >= 0", self.ce_weight)
-        _expect(self.kd_weight >= 0, "kd_weight", "a number >= 0", self.kd_weight)
-        _expect(self.ce_weight + self.kd_weight > 0, "kd_weight", "a weight > 0 when ce_weight is 0", self.kd_weight)
-        _expect(self.reduction in ("sum", "batchmean"), "reduction", "'sum' or 'batchmean'", self.reduction)
-
-
-@dataclass
 class StudentsSpec:
     """Every student architecture is trained once per seed on every soft-label stage and baseline."""
 
     arch: list[str]
     seeds: list[int] = field(default_factory=lambda: [0])
     train: TrainSpec = field(default_factory=TrainSpec)
-    loss: LossSpec = field(default_factory=LossSpec)
+    loss: KDLoss = field(default_factory=KDLoss)  # validated by KDLoss itself
 
     def __post_init__(self):
         from .models import available_models
@@ -281,6 +264,8 @@ def _build(cls, raw, where: str):
         return cls(**values)
     except _FieldError as e:
         raise ConfigError(f"{prefix}{e.name}: {e.message}") from None
+    except ConfigError as e:  # a library object validating itself (KDLoss)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _convert(value, hint, where: str):

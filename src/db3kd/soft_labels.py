@@ -90,6 +90,8 @@ def compute_soft_labels(
     out_dir: str | os.PathLike,
     run_info: dict,
     progress: bool = True,
+    reference_y: np.ndarray | None = None,
+    store_images: bool = False,
 ) -> dict:
     """Distances and soft labels for `x[indices]`, with `x` (the whole split) as reference samples.
 
@@ -101,6 +103,10 @@ def compute_soft_labels(
         out_dir: run directory; shards resume from it.
         run_info: what the manifest records about where the data came from (teacher spec, dataset,
             split); part of the fingerprint.
+        reference_y: the teacher's labels of `x` when already known (pseudo samples of `db3kd synthesize`,
+            labelled during synthesis): no labelling queries are then sent.
+        store_images: also store `x[indices]` as `images` in soft_labels.npz (pseudo samples, which no
+            dataset holds).
 
     Returns the manifest (also written to out_dir/manifest.json); arrays go to out_dir/soft_labels.npz.
     """
@@ -110,7 +116,10 @@ def compute_soft_labels(
                    "num_samples": len(indices), "indices_sha256": _sha256(indices), "split_size": len(x),
                    "teacher_input_shape": list(oracle.input_shape), "num_classes": oracle.num_classes}
     store = ShardStore(out, fingerprint)
-    ref_labels, label_queries = reference_labels(store, oracle, x)
+    if reference_y is None:
+        ref_labels, label_queries = reference_labels(store, oracle, x)
+    else:
+        ref_labels, label_queries = np.asarray(reference_y, dtype=np.int64), 0
     k = oracle.num_classes
     chunks = [indices[i:i + config.shard_size] for i in range(0, len(indices), config.shard_size)]
     shards = range(len(chunks))
@@ -139,7 +148,7 @@ def compute_soft_labels(
         bar.update(len(idx) * pairs_per_sample)
         bar.set_postfix(queries_per_s=f"{(oracle.queries - before) / max(seconds, 1e-9):,.0f}")
     bar.close()
-    return _finish(store, shards, label_queries, run_info, config, out)
+    return _finish(store, shards, label_queries, run_info, config, out, x if store_images else None)
 
 
 def _estimate(config: SoftLabelConfig, oracle, x, idx, ref_labels):
@@ -148,9 +157,12 @@ def _estimate(config: SoftLabelConfig, oracle, x, idx, ref_labels):
     return config.estimator(oracle, x[idx], ref_labels[idx], x, ref_labels, return_points=config.save_points)
 
 
-def _finish(store: ShardStore, shards: range, label_queries: int, run_info: dict, config: SoftLabelConfig, out: Path) -> dict:
+def _finish(store: ShardStore, shards: range, label_queries: int, run_info: dict, config: SoftLabelConfig, out: Path,
+            images: np.ndarray | None = None) -> dict:
     merged = store.merge(shards)
     arrays = {key: merged[key] for key in ("indices", "labels", "distances", "queries")}
+    if images is not None:
+        arrays["images"] = images[merged["indices"]]
     arrays["logits"] = distances_to_logits(merged["distances"], merged["labels"])
     if "distances_at" in merged:
         arrays["distances_at"] = np.moveaxis(merged["distances_at"], 1, 0)  # (checkpoints, N, K)

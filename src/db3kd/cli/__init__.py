@@ -10,7 +10,7 @@ from .. import __version__
 from ..errors import DB3KDError
 
 # Each module defines `register(subparsers)`, which adds its parser with `set_defaults(run=...)`.
-COMMAND_MODULES = ("train", "serve", "soft_labels", "distill", "demo", "run", "report")
+COMMAND_MODULES = ("train", "serve", "soft_labels", "synthesize", "distill", "demo", "run", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,11 @@ def register(subparsers) -> None:
                     "decision boundary and turn the distances into soft labels (DB3KD). Results are written "
                     "in shards; rerunning the same command after an interruption resumes.")
     add_teacher_args(parser)
-    add_data_args(parser)
+    add_data_args(parser, required=False)
+    parser.add_argument("--pseudo", metavar="DIR",
+                        help="instead of --dataset: the pseudo samples of `db3kd synthesize --out DIR` (zero-shot); "
+                             "their labels are the teacher's already, so no labelling queries are sent, and the "
+                             "images are stored in soft_labels.npz")
     parser.add_argument("--split", choices=("train", "test"), default="train")
     chosen = parser.add_mutually_exclusive_group()
     chosen.add_argument("--subset", type=int, metavar="N", help="the first N samples of the split")
@@ -62,7 +66,19 @@ def run(args) -> int:
 
     config = SoftLabelConfig(method=args.method, params=estimator_params(args), seed=args.seed,
                              shard_size=args.shard_size, save_points=args.save_points)
-    x, _ = load_split(args.dataset, args.split, args.data_dir)
+    if (args.dataset is None) == (args.pseudo is None):
+        raise ConfigError("expected exactly one of --dataset (real samples) or --pseudo DIR (synthesized samples), "
+                          f"got {'both' if args.dataset else 'neither'}")
+    reference_y = None
+    if args.pseudo:
+        from ..synthesis import load_pseudo_samples
+
+        x, reference_y, _ = load_pseudo_samples(args.pseudo)
+        run_info = {"teacher": args.teacher, "pseudo": str(args.pseudo), "split": "pseudo",
+                    "pseudo_sha256": _digest(x, reference_y)}
+    else:
+        x, _ = load_split(args.dataset, args.split, args.data_dir)
+        run_info = {"teacher": args.teacher, "dataset": args.dataset, "split": args.split}
     if args.indices:
         indices = read_indices(args.indices, len(x))
     elif args.subset is not None:
@@ -72,9 +88,16 @@ def run(args) -> int:
     else:
         indices = check_indices(np.arange(len(x)), len(x))
     oracle = open_teacher(args.teacher, args.api_key, budget=args.max_queries)
-    run_info = {"teacher": args.teacher, "dataset": args.dataset, "split": args.split}
-    manifest = compute_soft_labels(oracle, x, indices, config, args.out, run_info)
+    manifest = compute_soft_labels(oracle, x, indices, config, args.out, run_info, reference_y=reference_y,
+                                   store_images=reference_y is not None)
     print(f"{manifest['method']} soft labels for {manifest['num_samples']} samples: median distance "
           f"{manifest['median_distance']:.3f}, {manifest['queries_per_pair']:.1f} queries per pair, "
           f"{manifest['total_queries']} teacher queries in all; wrote {args.out}/soft_labels.npz and manifest.json")
     return 0
+
+
+def _digest(x, y) -> str:
+    """SHA-256 of pseudo samples and labels: a rerun on regenerated samples is refused, not mixed."""
+    import hashlib
+
+    return hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
