@@ -120,7 +120,7 @@ def test_bad_config_is_refused(kwargs, message):
 
 @pytest.mark.parametrize("extra, message", [
     (["--shard-size", "4"], r"shard_size must be at least the number of classes \(10\)"),
-    (["--budget-per-sample", "20"], r"budget_per_sample must be at least 74 for 5 rounds and 10 classes"),
+    (["--budget-per-sample", "20"], r"budget_per_sample must be at least 113 for 8 rounds and 10 classes"),
 ], ids=["shard-size", "budget"])
 def test_bad_arguments_fail_before_any_query(digits_teacher, tmp_path, capsys, extra, message):
     code = main(["synthesize", "--teacher", str(digits_teacher), "--per-class", "2", *extra, "--out", str(tmp_path / "o")])

@@ -14,10 +14,9 @@ import torch
 from . import __version__
 from .checkpoint import ModelSpec, export_onnx, save_checkpoint
 from .data import DatasetInfo
-from .errors import ConfigError
+from .losses import KDLoss
 from .models import build_model, count_parameters
 from .oracle import LabelOracle
-from .losses import KDLoss
 from .training import TrainConfig, predict, train_classifier
 
 

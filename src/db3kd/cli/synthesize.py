@@ -16,9 +16,10 @@ def register(subparsers) -> None:
     parser.add_argument("--per-class", type=int, required=True, metavar="N", help="pseudo samples per class")
     parser.add_argument("--budget-per-sample", type=int, default=2000, metavar="Q",
                         help="teacher queries per sample over all rounds (default 2000; rejection sampling apart)")
-    parser.add_argument("--rounds", type=int, default=5, metavar="R", help="boundary-push rounds (default 5)")
-    parser.add_argument("--step", type=float, default=0.5,
-                        help="move length as a fraction of the boundary distance (default 0.5)")
+    parser.add_argument("--rounds", type=int, default=8, metavar="R", help="boundary-push rounds (default 8)")
+    parser.add_argument("--step", type=float, default=2.0,
+                        help="move length as a fraction of the boundary distance, halved while the class would "
+                             "change (default 2)")
     parser.add_argument("--max-draws", type=int, default=200_000,
                         help="noise images drawn per shard at most while a class lacks samples (default 200000)")
     parser.add_argument("--max-queries", type=int, metavar="TOTAL",
@@ -47,8 +48,10 @@ def run(args) -> int:
     finally:
         torch.set_num_threads(threads)
     rates = manifest["acceptance_rates"].values()
-    print(f"{manifest['num_samples']} pseudo samples: mean boundary distance {manifest['mean_initial_distance']:.3f} -> "
-          f"{manifest['mean_distance_per_round'][-1]:.3f} after {config.rounds} rounds; acceptance rates "
+    first, last = (f"{d:.3f}" if d is not None else "n/a"
+                   for d in (manifest["mean_initial_distance"], manifest["mean_distance_per_round"][-1]))
+    print(f"{manifest['num_samples']} pseudo samples: mean boundary distance {first} -> {last} after {config.rounds} "
+          f"rounds; acceptance rates "
           f"{min(rates):.2%}..{max(rates):.2%}; {manifest['total_queries']} teacher queries "
           f"({manifest['rejection_sampling_queries']} sampling, {manifest['round_queries']} rounds); wrote {args.out}")
     return 0
