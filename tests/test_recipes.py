@@ -99,7 +99,8 @@ def test_recipe_runs_end_to_end_and_reports(base_run):
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [
         "ce", "sd", "bd", "mbd", "mbd @20", f"standard-kd — {WHITE_BOX_NOTE}"]
     ce_row = rows[0].split(" | ")
-    assert ce_row[5] == "1.0"  # one label query per transfer sample
+    assert ce_row[2] == "train split, 120 images" and ce_row[6] == "120"
+    assert ce_row[7] == "1.0"  # one label query per transfer sample
     assert "Missing" not in text
 
 
@@ -150,7 +151,7 @@ def test_report_lists_missing_stages(tmp_path, copied_run):
     text = write_report(copied_run)
     assert "`students/sd-lenet5-fifth-seed0`: not run" in text
     assert "`soft_labels/mbd`: unfinished (running)" in text
-    assert "| bd | lenet5-fifth |" in text
+    assert "| bd | lenet5-fifth | train split, 120 images |" in text
 
 
 def test_cli_run_and_report(digits_teacher, tmp_path, capsys):
@@ -165,7 +166,7 @@ def test_cli_run_and_report(digits_teacher, tmp_path, capsys):
     assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert "[2/2] students/sd-lenet5-fifth-seed0: skipped" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "run")]) == 0
-    assert "| sd | lenet5-fifth | 1 |" in capsys.readouterr().out
+    assert "| sd | lenet5-fifth | train split, 120 images | 1 |" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "absent.yaml")]) == 2
     assert "recipe file not found" in capsys.readouterr().err
 

@@ -113,17 +113,31 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert "nonesuch" in capsys.readouterr().err
 
 
-def test_demo_runs_the_whole_path(tmp_path, capsys):
+def test_demo_runs_the_whole_path(tmp_path, capsys, monkeypatch):
+    from db3kd import demo
+
+    # A smaller zero-shot synthesis than the demo's (30 pseudo samples): the same path, in seconds.
+    monkeypatch.setattr(demo, "DEMO_SYNTHESIS", {"per_class": 3, "budget_per_sample": 200, "rounds": 2, "shard_size": 10})
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "3"]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    teacher, ce, bd = summary["rows"]
+    teacher, ce, bd, zero_shot = summary["rows"]
     assert teacher["teacher_queries"] is None and teacher["test_accuracy"] > 0.5
     assert ce["teacher_queries"] == summary["train_samples"]  # one top-1 label per training image
     manifest = json.loads((tmp_path / "demo" / "soft-labels-bd" / "manifest.json").read_text())
     assert bd["teacher_queries"] == manifest["total_queries"] > summary["train_samples"]
     assert 0 < bd["fidelity"] <= 1 and 0 < ce["fidelity"] <= 1
+    # Zero-shot: the student's queries are the synthesis's plus the soft labels', which label nothing again.
+    synth = json.loads((tmp_path / "demo" / "synthesize" / "manifest.json").read_text())
+    soft = json.loads((tmp_path / "demo" / "soft-labels-zero-shot" / "manifest.json").read_text())
+    assert summary["pseudo_samples"] == 30 and soft["reference_label_queries"] == 0
+    assert zero_shot["teacher_queries"] == synth["total_queries"] + soft["total_queries"] == (
+        summary["synthesis_queries"] + summary["zero_shot_soft_label_queries"])
+    assert 0 <= zero_shot["fidelity"] <= 1
+    metrics = json.loads((tmp_path / "demo" / "student-zsdb3kd-bd" / "metrics.json").read_text())
+    assert metrics["train_samples"] == 30 and metrics["transfer_set"] == "synthesized"
     out = capsys.readouterr().out
     assert "DB3KD-BD" in out and "CE on top-1 labels" in out
+    assert "| student, ZSDB3KD-BD (zero-shot) " in out and "Zero-shot: 30 pseudo samples synthesized from noise" in out
 
 
 def test_standard_kd_baseline_reads_logits_and_says_so(digits_teacher, tmp_path, monkeypatch):

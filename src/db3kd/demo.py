@@ -1,7 +1,9 @@
-"""The embedded demo: the whole DB3KD path on scikit-learn's digits, with no data files and no network."""
+"""The embedded demo: the whole DB3KD path on scikit-learn's digits, with no data files and no network,
+and its zero-shot variant (ZSDB3KD), whose student sees no real image at all."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from .data import load_dataset
 from .jobs import teacher_labels, train_to_dir, write_json
 from .losses import KDLoss
 from .soft_labels import SoftLabelConfig, compute_soft_labels
+from .synthesis import SynthesisConfig, load_pseudo_samples, synthesize
 from .teachers import open_oracle
 from .training import TrainConfig
 from .transfer import load_transfer_set
@@ -18,14 +21,20 @@ from .transfer import load_transfer_set
 DEMO_DATASET = "digits"
 TEACHER_ARCH = "lenet5"
 STUDENT_ARCH = "lenet5-half"
+# The zero-shot row's synthesis (keyword arguments of SynthesisConfig; the rest are its defaults): 1,000 pseudo
+# samples of 8x8 pixels, a small budget, so that the demo stays within a few minutes on 2 CPU cores.
+DEMO_SYNTHESIS = {"per_class": 100, "budget_per_sample": 500, "rounds": 4}
 
 
-def run_demo(out_dir: str | os.PathLike = "runs/demo", epochs: int = 30, seed: int = 0, progress: bool = True) -> dict:
-    """Train a teacher on digits, then two students that only see its labels.
+def run_demo(out_dir: str | os.PathLike = "runs/demo", epochs: int = 30, seed: int = 0, progress: bool = True,
+             synthesis: dict | None = None) -> dict:
+    """Train a teacher on digits, then three students that only see its labels.
 
     The students never see the teacher's weights: they talk to its exported ONNX file through a
     `LabelOracle`, which counts every image sent. One student learns from the teacher's top-1 labels
-    (the paper's CE-only baseline), the other from DB3KD soft labels built from BD boundary distances.
+    (the paper's CE-only baseline), one from DB3KD soft labels built from BD boundary distances, and one
+    zero-shot (ZSDB3KD): from BD soft labels on pseudo samples synthesized from noise, no real image.
+    `synthesis` overrides `DEMO_SYNTHESIS` (SynthesisConfig's keyword arguments).
     Returns a summary, also written to summary.json.
     """
     out = Path(out_dir)
@@ -42,13 +51,17 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", epochs: int = 30, seed: i
                       extra_metrics={"teacher_queries_transfer": label_queries}, progress=progress)
 
     oracle = open_oracle(teacher_spec)
-    manifest = compute_soft_labels(oracle, data.x_train, np.arange(len(data.x_train)), SoftLabelConfig(method="bd"),
-                                   out / "soft-labels-bd", {"teacher": teacher_spec, "dataset": DEMO_DATASET,
-                                                            "split": "train"}, progress=progress)
+    with _one_torch_thread():
+        manifest = compute_soft_labels(oracle, data.x_train, np.arange(len(data.x_train)), SoftLabelConfig(method="bd"),
+                                       out / "soft-labels-bd", {"teacher": teacher_spec, "dataset": DEMO_DATASET,
+                                                                "split": "train"}, progress=progress)
     transfer = load_transfer_set(out / "soft-labels-bd")
     bd = train_to_dir(out / "student-db3kd-bd", STUDENT_ARCH, data.info, (transfer.images, transfer.labels), test,
                       config, oracle=oracle, soft_logits=transfer.logits, kd=KDLoss(),
                       extra_metrics={"teacher_queries_transfer": manifest["total_queries"]}, progress=progress)
+
+    zero_shot, synth, zs_soft = _zero_shot_student(out, teacher_spec, data.info, test, config,
+                                                   {**DEMO_SYNTHESIS, "seed": seed, **(synthesis or {})}, progress)
 
     def row(name, metrics):
         return {"model": name, "arch": metrics["arch"], "test_accuracy": metrics["test_accuracy"],
@@ -61,7 +74,51 @@ def run_demo(out_dir: str | os.PathLike = "runs/demo", epochs: int = 30, seed: i
         "test_samples": len(data.x_test),
         "bd_median_distance": manifest["median_distance"],
         "bd_queries_per_pair": manifest["queries_per_pair"],
-        "rows": [row("teacher", teacher), row("student, CE on top-1 labels", ce), row("student, DB3KD-BD", bd)],
+        "pseudo_samples": synth["num_samples"],
+        "synthesis_queries": synth["total_queries"],
+        "zero_shot_soft_label_queries": zs_soft["total_queries"],
+        "rows": [row("teacher", teacher), row("student, CE on top-1 labels", ce), row("student, DB3KD-BD", bd),
+                 row("student, ZSDB3KD-BD (zero-shot)", zero_shot)],
     }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _zero_shot_student(out: Path, teacher_spec: str, info, test, config: TrainConfig, synthesis: dict,
+                       progress: bool) -> tuple[dict, dict, dict]:
+    """ZSDB3KD: pseudo samples from noise, BD soft labels on them, a student; no real training image read.
+
+    Returns the student's metrics and the synthesis and soft-label manifests.
+    """
+    oracle = open_oracle(teacher_spec)
+    with _one_torch_thread():
+        synth = synthesize(oracle, SynthesisConfig(**synthesis), out / "synthesize", {"teacher": teacher_spec},
+                           progress=progress)
+        x, y, _ = load_pseudo_samples(out / "synthesize")
+        # The pseudo samples' labels are the teacher's already: BD sends no labelling query for them.
+        soft = compute_soft_labels(oracle, x, np.arange(len(x)), SoftLabelConfig(method="bd"), out / "soft-labels-zero-shot",
+                                   {"teacher": teacher_spec, "pseudo": str(out / "synthesize"), "split": "pseudo"},
+                                   progress=progress, reference_y=y, store_images=True)
+    transfer = load_transfer_set(out / "soft-labels-zero-shot")
+    metrics = train_to_dir(out / "student-zsdb3kd-bd", STUDENT_ARCH, info, (transfer.images, transfer.labels), test,
+                           config, oracle=oracle, soft_logits=transfer.logits, kd=KDLoss(), progress=progress,
+                           extra_metrics={"teacher_queries_transfer": synth["total_queries"] + soft["total_queries"],
+                                          "teacher_queries_synthesis": synth["total_queries"],
+                                          "teacher_queries_soft_labels": soft["total_queries"],
+                                          "transfer_set": "synthesized"})
+    return metrics, synth, soft
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch on one thread inside: the searches use it only to keep their books while ONNX Runtime answers,
+    and its idle OpenMP threads would spin against ONNX Runtime's on the same cores (several times slower on a
+    loaded 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -36,13 +36,22 @@ class BudgetExceededError(DB3KDError):
         requested: images in the refused call.
     """
 
-    def __init__(self, used: int, budget: int, requested: int, advice: str | None = None):
-        self.used, self.budget, self.requested = used, budget, requested
+    def __init__(self, used: int, budget: int | None, requested: int, advice: str | None = None):
+        self.used, self.budget, self.requested, self.advice = used, budget, requested, advice
         advice = advice or "Raise the budget or stop here; results so far are kept."
+        # budget None: a worker's oracle refused by a shared budget it does not hold (the driver reports that one).
+        of = "" if budget is None else f" of {budget}"
+        left = "" if budget is None else f" ({budget - used} left)"
         super().__init__(
-            f"query budget exceeded: {used} of {budget} queries used, this call needs {requested} more "
-            f"({budget - used} left). {advice}"
+            f"query budget exceeded: {used}{of} queries used, this call needs {requested} more{left}. {advice}"
         )
+
+    def __reduce__(self):  # pickled with its fields (it crosses process boundaries from distributed workers)
+        return type(self), (self.used, self.budget, self.requested, self.advice)
+
+
+class ExecutorError(DB3KDError):
+    """A distributed run could not start, or a shard failed on every attempt."""
 
 
 class CheckpointError(DB3KDError):

@@ -6,11 +6,29 @@ sample. A budget, when set, is checked before anything is sent. Callers get labe
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 import torch
 
 from .errors import BudgetExceededError, InputError, TeacherError
 from .teachers.base import LabelBackend
+
+
+class QueryLedger(Protocol):
+    """A budget shared by several oracles (e.g. one per worker of a distributed run).
+
+    The oracle reserves a batch before sending it, so concurrent oracles can never together exceed the
+    shared budget, then settles how many of the reserved images were really sent.
+    """
+
+    def reserve(self, n: int) -> None:
+        """Claim `n` queries; raise `BudgetExceededError` (nothing is sent) if the shared budget cannot."""
+        ...
+
+    def settle(self, reserved: int, sent: int) -> None:
+        """`sent` of the `reserved` queries went to the teacher; the rest are released."""
+        ...
 
 
 class LabelOracle:
@@ -23,9 +41,11 @@ class LabelOracle:
         backend: the teacher (see `db3kd.teachers.load_teacher`).
         budget: maximum number of images ever sent; None for no limit.
         chunk_size: largest batch sent at once; default the backend's preferred batch.
+        ledger: a budget shared with other oracles, checked after `budget` (see `QueryLedger`).
     """
 
-    def __init__(self, backend: LabelBackend, budget: int | None = None, chunk_size: int | None = None):
+    def __init__(self, backend: LabelBackend, budget: int | None = None, chunk_size: int | None = None,
+                 ledger: QueryLedger | None = None):
         if budget is not None and (int(budget) != budget or budget < 0):
             raise InputError(f"budget must be a non-negative integer or None, got {budget!r}")
         chunk_size = backend.preferred_batch if chunk_size is None else chunk_size
@@ -34,6 +54,7 @@ class LabelOracle:
         self._backend = backend
         self.budget = None if budget is None else int(budget)
         self.chunk_size = int(chunk_size)
+        self.ledger = ledger
         self.queries = 0
         self._per_sample = np.zeros(0, dtype=np.int64)
 
@@ -69,7 +90,7 @@ class LabelOracle:
 
         Raises:
             InputError: wrong type, rank, shape or dtype, or NaN/inf pixels. Nothing is sent.
-            BudgetExceededError: the batch would exceed the budget. Nothing is sent.
+            BudgetExceededError: the batch would exceed the budget or the ledger's. Nothing is sent.
             TeacherError: the backend answered something that is not N labels in [0, K).
         """
         as_numpy = isinstance(x, np.ndarray)
@@ -78,17 +99,32 @@ class LabelOracle:
         n = len(xt)
         if self.budget is not None and self.queries + n > self.budget:
             raise BudgetExceededError(self.queries, self.budget, n)
+        if self.ledger is not None and n:
+            self.ledger.reserve(n)  # the whole call at once: a refusal comes before anything is sent
         lo, hi = self.bounds
         out = torch.empty(n, dtype=torch.int64, device=xt.device)
-        for start in range(0, n, self.chunk_size):
-            chunk = _clip(xt[start:start + self.chunk_size], lo, hi)
-            answer = self._backend.predict_labels(chunk)
-            # Counted as soon as the teacher has answered (even with garbage), so no failure hides spent queries.
-            self.queries += len(chunk)
-            if id_array is not None:
-                self._count_ids(id_array[start:start + len(chunk)])
-            out[start:start + len(chunk)] = self._check_labels(answer, len(chunk))
+        sent = 0
+        try:
+            for start in range(0, n, self.chunk_size):
+                chunk = _clip(xt[start:start + self.chunk_size], lo, hi)
+                answer = self._backend.predict_labels(chunk)
+                # Counted as soon as the teacher has answered (even with garbage), so no failure hides spent queries.
+                self.queries += len(chunk)
+                sent += len(chunk)
+                if id_array is not None:
+                    self._count_ids(id_array[start:start + len(chunk)])
+                out[start:start + len(chunk)] = self._check_labels(answer, len(chunk))
+        finally:
+            if self.ledger is not None and n:
+                self.ledger.settle(n, sent)
         return out.cpu().numpy() if as_numpy else out
+
+    def count_external(self, n: int) -> None:
+        """Count `n` queries sent on this oracle's behalf by other oracles sharing its budget through a ledger
+        (the workers of a distributed run), so that `queries` and `remaining` cover the whole run."""
+        if int(n) != n or n < 0:
+            raise InputError(f"expected a non-negative number of queries, got {n!r}")
+        self.queries += int(n)
 
     def queries_for(self, ids) -> np.ndarray:
         """Queries counted so far for each sample id in `ids` (0 for ids never seen)."""

@@ -1,6 +1,7 @@
 """Run a recipe (`db3kd.recipe`) as cached stages under a run directory.
 
     RUN_DIR/recipe.resolved.yaml                      the recipe with every default and path resolved
+    RUN_DIR/synthesize/                               zero-shot: the pseudo samples (db3kd.synthesis.synthesize)
     RUN_DIR/soft_labels/<name>/                       a soft-label stage (compute_soft_labels: npz + manifest)
     RUN_DIR/students/<name>-<arch>-seed<k>/           a student distilled on stage <name>'s soft labels
     RUN_DIR/students/<name>-q<Q>-<arch>-seed<k>/      ... on an mbd stage's distances at Q queries per pair
@@ -8,15 +9,20 @@
     RUN_DIR/students/standard-kd-<arch>-seed<k>/      baseline: white-box KD on the teacher's logits
     RUN_DIR/run.json                                  what the last `db3kd run` did, stage by stage
 
+A zero-shot recipe (`transfer.synthesize`) starts with the synthesize stage; its pseudo samples are then
+the transfer set of every soft-label stage and baseline, and the dataset's training split is never read.
+
 Every stage directory holds a `stage.json` with the hash of its resolved config and of its inputs (the
-soft-label stage a student learns from). It says "running" while the stage works and "done" once its
-results are complete. A rerun skips a stage whose stage.json is "done" with the same hash, resumes one left
-"running" with the same hash (soft-label shards survive), and clears and recomputes any other, so editing a
-recipe recomputes exactly the stages whose config or inputs changed.
+soft-label stage a student learns from; the synthesize stage a zero-shot stage reads). It says "running"
+while the stage works and "done" once its results are complete. A rerun skips a stage whose stage.json is
+"done" with the same hash, resumes one left "running" with the same hash (soft-label and synthesis shards
+survive), and clears and recomputes any other, so editing a recipe recomputes exactly the stages whose
+config or inputs changed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,6 +40,7 @@ from .jobs import write_json
 from .recipe import Recipe, is_url, recipe_to_dict
 
 STAGE_FILE = "stage.json"
+SYNTHESIZE = "synthesize"  # the zero-shot synthesis stage's directory
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 
 
@@ -42,7 +49,7 @@ class Stage:
     """One unit of cached work: its directory (relative to the run directory), kind and resolved config."""
 
     name: str  # e.g. "soft_labels/bd", "students/bd-lenet5-half-seed0"
-    kind: str  # soft_labels | distill | ce | standard-kd
+    kind: str  # synthesize | soft_labels | distill | ce | standard-kd
     config: dict  # everything that determines its results (hashed)
     inputs: list[str] = field(default_factory=list)  # names of the stages it reads
     hash: str = ""  # of config and the inputs' hashes; set by plan_stages
@@ -78,16 +85,24 @@ def teacher_identity(spec: str) -> str:
 
 
 def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
-    """Every stage of `recipe` in run order, with hashes (soft labels first, then students, then baselines)."""
-    data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": recipe.transfer.split,
-            "transfer_subset": recipe.transfer.subset}
+    """Every stage of `recipe` in run order, with hashes (synthesis and soft labels first, then students, then
+    baselines)."""
+    stages: list[Stage] = []
+    if recipe.transfer.zero_shot:
+        data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": "pseudo"}
+        stages.append(Stage(SYNTHESIZE, "synthesize", {**data, "kind": "synthesize",
+                                                       "params": recipe.transfer.synthesize}))
+        transfer_inputs = [SYNTHESIZE]  # every stage that reads the transfer images depends on them
+    else:
+        data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": recipe.transfer.split,
+                "transfer_subset": recipe.transfer.subset}
+        transfer_inputs = []
     train = dataclasses.asdict(recipe.students.train)
     loss = dataclasses.asdict(recipe.students.loss)
-    stages: list[Stage] = []
     for name, spec in recipe.soft_labels.items():
         config = {**data, "kind": "soft_labels", "method": spec.method, "params": spec.params, "seed": spec.seed,
                   "shard_size": spec.shard_size, "subset": spec.subset}
-        stages.append(Stage(f"soft_labels/{name}", "soft_labels", config))
+        stages.append(Stage(f"soft_labels/{name}", "soft_labels", config, list(transfer_inputs)))
     students = recipe.students
     for name, spec in recipe.soft_labels.items():
         for checkpoint in [None, *spec.checkpoints()]:
@@ -102,7 +117,7 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
             for seed in students.seeds:
                 config = {**data, "kind": baseline, "arch": arch, "seed": seed, "train": train,
                           **({"loss": loss} if baseline == "standard-kd" else {})}
-                stages.append(Stage(f"students/{baseline}-{arch}-seed{seed}", baseline, config))
+                stages.append(Stage(f"students/{baseline}-{arch}-seed{seed}", baseline, config, list(transfer_inputs)))
     by_name: dict[str, Stage] = {}
     for stage in stages:
         if stage.name in by_name:  # e.g. a soft-label stage named like a baseline
@@ -130,6 +145,9 @@ class _Context:
 
     @cached_property
     def transfer_x(self) -> np.ndarray:
+        """The transfer images: the pseudo samples (zero-shot), else the first transfer.subset of the split."""
+        if self.recipe.transfer.zero_shot:
+            return self.pseudo[0]
         from .data import load_split
 
         x, _ = load_split(self.recipe.dataset.name, self.recipe.transfer.split, self.recipe.dataset.data_dir)
@@ -138,6 +156,29 @@ class _Context:
             raise ConfigError(f"transfer.subset: expected at most {len(x)} (the {self.recipe.transfer.split} "
                               f"split's size), got {subset}")
         return x[:subset]
+
+    @cached_property
+    def pseudo(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The synthesize stage's pseudo samples, their labels (the teacher's) and its manifest."""
+        from .synthesis import load_pseudo_samples
+
+        return load_pseudo_samples(self.run_dir / SYNTHESIZE)
+
+    @cached_property
+    def pseudo_digest(self) -> str:
+        """SHA-256 of the pseudo samples and labels: soft-label shards made from other samples are refused."""
+        x, y, _ = self.pseudo
+        return hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+
+    def synthesis_queries(self) -> int:
+        """Teacher queries that made the transfer images: the synthesis's (zero-shot), else none."""
+        return int(self.pseudo[2]["total_queries"]) if self.recipe.transfer.zero_shot else 0
+
+    def transfer_description(self) -> dict:
+        """What students record about their transfer set (the report's transfer column)."""
+        if self.recipe.transfer.zero_shot:
+            return {"transfer_set": "synthesized", "teacher_queries_synthesis": self.synthesis_queries()}
+        return {"transfer_set": f"{self.recipe.transfer.split} split"}
 
     @cached_property
     def test(self) -> tuple[np.ndarray, np.ndarray]:
@@ -169,8 +210,8 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
     _write_text(run_dir / RESOLVED_RECIPE, yaml.safe_dump(resolved, sort_keys=False))
     stages = plan_stages(recipe, teacher_identity(recipe.teacher))
     context = _Context(recipe, run_dir, api_key, progress)
-    runners = {"soft_labels": _soft_label_stage, "distill": _distill_stage, "ce": _ce_stage,
-               "standard-kd": _standard_kd_stage}
+    runners = {"synthesize": _synthesize_stage, "soft_labels": _soft_label_stage, "distill": _distill_stage,
+               "ce": _ce_stage, "standard-kd": _standard_kd_stage}
     records = []
     for i, stage in enumerate(stages, 1):
         out = run_dir / stage.name
@@ -220,6 +261,32 @@ def _write_text(path: Path, text: str) -> None:
 # --- the stages ---------------------------------------------------------------------------------------------
 # Each returns a summary for stage.json: teacher queries for the transfer set and for evaluation, counted apart.
 
+def _synthesize_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    from .synthesis import SynthesisConfig, synthesize
+
+    config = SynthesisConfig(**stage.config["params"])
+    with _torch_threads(1 if not ctx.recipe.teacher.lower().endswith((".pt", ".pth")) else None):
+        manifest = synthesize(ctx.oracle, config, out, {"teacher": ctx.recipe.teacher}, progress=ctx.progress)
+    return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0},
+            "pseudo_samples": manifest["num_samples"], "synthesis_seconds": manifest["seconds"]}
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch limited to `threads` inside (None: unchanged). Synthesis uses torch only for its searches'
+    small-batch bookkeeping while ONNX Runtime (or a service) answers: torch's idle OpenMP threads would
+    spin against the teacher's on the same cores (as `db3kd synthesize` does)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     from .soft_labels import SoftLabelConfig, compute_soft_labels
 
@@ -231,7 +298,14 @@ def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     indices = np.arange(spec.subset or len(x))
     config = SoftLabelConfig(spec.method, dict(spec.params), spec.seed, spec.shard_size)
     run_info = {"teacher": ctx.recipe.teacher, "dataset": ctx.recipe.dataset.name, "split": ctx.recipe.transfer.split}
-    manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress)
+    if ctx.recipe.transfer.zero_shot:
+        # Pseudo samples: their labels are the teacher's already (no labelling queries), and the images go
+        # into soft_labels.npz, since no dataset holds them.
+        run_info.update(split="pseudo", pseudo=SYNTHESIZE, pseudo_sha256=ctx.pseudo_digest)
+        manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress,
+                                       reference_y=ctx.pseudo[1], store_images=True)
+    else:
+        manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0},
             "soft_label_seconds": manifest["seconds"]}
 
@@ -255,9 +329,11 @@ def _distill_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
             estimated = data["queries"] > 0
         queries = int(manifest["reference_label_queries"] + spent.sum())
         per_pair = float(spent[estimated].mean()) if estimated.any() else 0.0
+    # Every query behind the student's training data: synthesis (zero-shot), labels and soft labels.
     extra = {"stage": stage.name, "method": stage.label, "estimator": manifest["method"], "checkpoint": checkpoint,
-             "soft_labels": stage.inputs[0], "teacher": ctx.recipe.teacher, "teacher_queries_transfer": queries,
-             "transfer_samples": len(transfer.images), "queries_per_pair": per_pair,
+             "soft_labels": stage.inputs[0], "teacher": ctx.recipe.teacher,
+             "teacher_queries_transfer": ctx.synthesis_queries() + queries, "teacher_queries_soft_labels": queries,
+             **ctx.transfer_description(), "transfer_samples": len(transfer.images), "queries_per_pair": per_pair,
              "soft_label_seconds": manifest["seconds"], "white_box": False}
     return _train_student(ctx, stage, out, (transfer.images, transfer.labels), extra,
                           soft_logits=logits, kd=KDLoss(**stage.config["loss"]))
@@ -266,9 +342,14 @@ def _distill_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
 def _ce_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     from .jobs import teacher_labels
 
-    labels, queries = teacher_labels(ctx.oracle, ctx.transfer_x)
-    extra = {"stage": stage.name, "method": "ce", "teacher": ctx.recipe.teacher, "teacher_queries_transfer": queries,
-             "transfer_samples": len(labels), "queries_per_pair": None, "white_box": False}
+    if ctx.recipe.transfer.zero_shot:
+        labels, queries = ctx.pseudo[1], 0  # the teacher labelled every pseudo sample during synthesis
+    else:
+        labels, queries = teacher_labels(ctx.oracle, ctx.transfer_x)
+    extra = {"stage": stage.name, "method": "ce", "teacher": ctx.recipe.teacher,
+             "teacher_queries_transfer": ctx.synthesis_queries() + queries, "teacher_queries_labels": queries,
+             **ctx.transfer_description(), "transfer_samples": len(labels), "queries_per_pair": None,
+             "white_box": False}
     return _train_student(ctx, stage, out, (ctx.transfer_x, labels), extra)
 
 
@@ -280,8 +361,10 @@ def _standard_kd_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     x = ctx.transfer_x
     logits = logits_in_batches(WhiteBoxTeacher.from_file(ctx.recipe.teacher), x)
     labels = logits.argmax(axis=1).astype(np.int64)  # hard labels: the teacher's top-1, as for every student
-    extra = {"stage": stage.name, "method": "standard-kd", "teacher": ctx.recipe.teacher, "teacher_queries_transfer": 0,
-             "white_box_forward_passes": len(x), "transfer_samples": len(x), "queries_per_pair": None, "white_box": True}
+    # Zero-shot, its transfer images are the pseudo samples: the label queries that made them are counted.
+    extra = {"stage": stage.name, "method": "standard-kd", "teacher": ctx.recipe.teacher,
+             "teacher_queries_transfer": ctx.synthesis_queries(), "white_box_forward_passes": len(x),
+             **ctx.transfer_description(), "transfer_samples": len(x), "queries_per_pair": None, "white_box": True}
     return _train_student(ctx, stage, out, (x, labels), extra, soft_logits=logits.astype(np.float32),
                           kd=KDLoss(**stage.config["loss"]))
 
@@ -295,6 +378,6 @@ def _train_student(ctx: _Context, stage: Stage, out: Path, train: tuple, extra: 
                            soft_logits=soft_logits, kd=kd, extra_metrics=extra, progress=ctx.progress)
     # Transfer queries this stage spent itself (the CE baseline's labels); a distilled student's were spent by
     # its soft-label stage, and are in its metrics.json as teacher_queries_transfer.
-    spent = extra["teacher_queries_transfer"] if stage.kind == "ce" else 0
+    spent = extra["teacher_queries_labels"] if stage.kind == "ce" else 0
     return {"teacher_queries": {"transfer": spent, "eval": metrics["teacher_queries_eval"]},
             "test_accuracy": metrics["test_accuracy"], "fidelity": metrics["fidelity"]}

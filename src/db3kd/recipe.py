@@ -10,6 +10,8 @@ key or a bad value raises `ConfigError` naming its place, e.g.
     dataset: {name: mnist, data_dir: ../data}  # data_dir optional (default $DB3KD_DATA, else ~/.cache/db3kd/data)
     teacher: ../teachers/lenet5_mnist.onnx   # a model.pt, model.onnx or http(s):// URL; key from $DB3KD_API_KEY
     transfer: {split: train, subset: null}   # the transfer images: the first `subset` of the split (null: all)
+    # or, zero-shot (ZSDB3KD): pseudo samples synthesized from noise, no real image at all
+    # transfer: {synthesize: {per_class: 600, budget_per_sample: 2000, rounds: 8}}
     soft_labels:                             # one cached stage per entry; the entry's name names its students
       sd: {method: sd}
       bd: {method: bd, params: {max_queries: 40}}
@@ -26,9 +28,16 @@ Soft-label entries: `method` (sd, bd, mbd), `params` (the estimator's keyword ar
 `checkpoint_students` (mbd only: also train students on the distances reached at each checkpoint below
 the budget, for the accuracy-vs-queries curve).
 
+Zero-shot: `transfer.synthesize` (instead of `split` and `subset`) holds the keyword arguments of
+`db3kd.synthesis.SynthesisConfig`, passed through and checked by it (unknown keys are refused with their
+place; missing ones take its defaults, filled into the resolved recipe). The run then starts with a
+`synthesize` stage, and every soft-label stage and baseline works on its pseudo samples; the dataset's
+training split is never read (only its test split, for accuracy and fidelity).
+
 Baselines: `ce` trains each student with cross-entropy on the teacher's top-1 labels of the transfer images
-(queries counted); `standard-kd` trains on the teacher's logits (white-box: needs a teacher file, read
-through `db3kd.whitebox`; the upper reference, not a label-only method).
+(queries counted; for pseudo samples, the labels the synthesis already asked); `standard-kd` trains on the
+teacher's logits (white-box: needs a teacher file, read through `db3kd.whitebox`; the upper reference, not a
+label-only method).
 
 Paths: `teacher` and `dataset.data_dir` are relative to the recipe file; `run_dir` (an output, like
 `--out`) is relative to the working directory.
@@ -49,7 +58,7 @@ from .errors import ConfigError
 from .losses import KDLoss
 
 __all__ = ["BASELINES", "DatasetSpec", "Recipe", "SoftLabelStageSpec", "StudentsSpec", "TrainSpec",
-           "TransferSpec", "load_recipe", "parse_recipe", "recipe_to_dict"]
+           "TransferSpec", "load_recipe", "parse_recipe", "recipe_to_dict", "synthesis_params"]
 
 BASELINES = ("ce", "standard-kd")
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.]*$")  # a directory name; no '-', which separates name parts
@@ -87,14 +96,55 @@ class DatasetSpec:
 
 @dataclass
 class TransferSpec:
-    """The transfer images: the first `subset` images of `split` (all of it if None)."""
+    """The transfer images: the first `subset` images of `split` (all of it if None), or pseudo samples.
 
-    split: str = "train"
+    `synthesize` (zero-shot) replaces `split` and `subset`: the keyword arguments of
+    `db3kd.synthesis.SynthesisConfig`, completed with its defaults once checked.
+    """
+
+    split: str | None = None  # None: 'train', unless synthesize
     subset: int | None = None
+    synthesize: dict | None = None
 
     def __post_init__(self):
+        if self.synthesize is not None:
+            _expect(self.split is None, "split", "no split with synthesize (zero-shot reads no real image)", self.split)
+            _expect(self.subset is None, "subset",
+                    "no subset with synthesize (synthesize.per_class sets the size)", self.subset)
+            self.synthesize = synthesis_params(self.synthesize, "synthesize")
+            return
+        if self.split is None:
+            self.split = "train"
         _expect(self.split in ("train", "test"), "split", "'train' or 'test'", self.split)
         _expect(self.subset is None or self.subset > 0, "subset", "a positive integer or null", self.subset)
+
+    @property
+    def zero_shot(self) -> bool:
+        return self.synthesize is not None
+
+
+def synthesis_params(params: dict, where: str) -> dict:
+    """`params` checked by `SynthesisConfig` itself and completed with its defaults, as plain YAML data.
+
+    The field list is the dataclass's own, so fields the synthesis gains are accepted here unchanged.
+    """
+    import json
+
+    from .synthesis import SynthesisConfig
+
+    fields = {f.name: f for f in dataclasses.fields(SynthesisConfig)}
+    for key in params:
+        if key not in fields:
+            raise _FieldError(f"{where}.{key}", f"unknown key; expected one of {', '.join(fields)}")
+    missing = [name for name, f in fields.items() if name not in params
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise _FieldError(f"{where}.{missing[0]}", f"missing; SynthesisConfig needs {', '.join(missing)}")
+    try:
+        config = SynthesisConfig(**params)
+    except ConfigError as e:
+        raise _FieldError(where, str(e)) from None
+    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists: safe for yaml.safe_dump
 
 
 @dataclass
@@ -193,14 +243,37 @@ class Recipe:
         _expect(len(set(self.baselines)) == len(self.baselines), "baselines", "distinct names", self.baselines)
         _expect(bool(self.soft_labels or self.baselines), "soft_labels",
                 "at least one soft-label stage or baseline", self.soft_labels)
+        if self.transfer.zero_shot:
+            self._check_synthesis()
         for stage, spec in self.soft_labels.items():
-            _expect(spec.subset is None or self.transfer.subset is None or spec.subset <= self.transfer.subset,
-                    f"soft_labels.{stage}.subset", f"at most transfer.subset = {self.transfer.subset}", spec.subset)
+            size, name = self.transfer_size()
+            _expect(spec.subset is None or size is None or spec.subset <= size,
+                    f"soft_labels.{stage}.subset", f"at most {name} = {size}", spec.subset)
         if "standard-kd" in self.baselines:
             _expect(not is_url(self.teacher), "baselines",
                     "no standard-kd with a teacher behind a URL (it reads logits: needs a model file)", self.baselines)
         if self.run_dir is None:
             self.run_dir = f"runs/{self.name}"
+
+    def transfer_size(self) -> tuple[int | None, str]:
+        """The number of transfer images if the recipe fixes it (None: the whole split), and what sets it."""
+        if self.transfer.zero_shot:
+            from .data import dataset_info
+
+            per_class = self.transfer.synthesize["per_class"]
+            classes = dataset_info(self.dataset.name).num_classes
+            return per_class * classes, f"transfer.synthesize.per_class x {classes} classes"
+        return self.transfer.subset, "transfer.subset"
+
+    def _check_synthesis(self) -> None:
+        """The synthesis checks that need the number of classes (the dataset's: the teacher's is not opened)."""
+        from .data import dataset_info
+        from .synthesis import SynthesisConfig
+
+        try:
+            SynthesisConfig(**self.transfer.synthesize).check(dataset_info(self.dataset.name).num_classes)
+        except ConfigError as e:
+            raise _FieldError("transfer.synthesize", str(e)) from None
 
 
 def is_url(spec: str) -> bool:

@@ -1,8 +1,10 @@
 """The report of a `db3kd run` directory: a Markdown table (report.md) and accuracy_vs_queries.png.
 
-One row per (method, student architecture), mean ± std over the seeds that finished: test accuracy,
-fidelity to the teacher, teacher queries per transfer sample, queries per (sample, class) pair, soft-label
-and training seconds. Stages the recipe declares but the run has not finished are listed, not guessed.
+One row per (method, student architecture), mean ± std over the seeds that finished: the transfer set
+(a split's images, or "synthesized, N pseudo samples" for zero-shot students), test accuracy, fidelity to
+the teacher, the teacher queries behind the student's training data (synthesis + labels + soft labels), per
+transfer sample and per (sample, class) pair, soft-label and training seconds. The plot shows accuracy
+against those total queries. Stages the recipe declares but the run has not finished are listed, not guessed.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .pipeline import RESOLVED_RECIPE, Stage, plan_stages, read_stage
+from .pipeline import RESOLVED_RECIPE, SYNTHESIZE, Stage, plan_stages, read_stage
 
 WHITE_BOX_NOTE = "white-box (reads logits; upper reference)"
 
@@ -29,23 +31,39 @@ def write_report(run_dir: str | Path) -> str:
     recipe = load_recipe(run_dir / RESOLVED_RECIPE, check_files=False)  # the teacher need not be here any more
     stages = plan_stages(recipe)
     results, missing = collect(run_dir, stages)
-    rows = summarise(results)
+    legacy_transfer = "synthesized" if recipe.transfer.zero_shot else f"{recipe.transfer.split} split"
+    rows = summarise(results, default_transfer=legacy_transfer)
     lines = [f"# {recipe.name}", "",
-             f"Teacher `{recipe.teacher}`, dataset {recipe.dataset.name} ({recipe.transfer.split} split"
-             f"{'' if recipe.transfer.subset is None else f', first {recipe.transfer.subset}'} as transfer set), "
+             f"Teacher `{recipe.teacher}`, dataset {recipe.dataset.name} ({_transfer_sentence(recipe, run_dir)}), "
              f"students {', '.join(recipe.students.arch)}, seeds {recipe.students.seeds}.", "",
              _table(rows), "",
-             "Mean ± std over seeds. Queries per transfer sample: the teacher queries of the stage that made the "
-             "labels (reference labels included) over its samples; evaluation queries (fidelity) are not counted. "
-             "`@Q`: a student trained on MBD's distances after Q queries per pair.", ""]
+             "Mean ± std over seeds. Teacher queries: every query behind the student's training data, i.e. the "
+             "synthesis of the pseudo samples (zero-shot), the transfer images' labels and the soft labels "
+             "(reference labels included); per transfer sample: the same over the samples it trained on; "
+             "evaluation queries (fidelity) are not counted. `@Q`: a student trained on MBD's distances after Q "
+             "queries per pair.", ""]
     if missing:
         lines += ["## Missing", "", *[f"- `{name}`: {why}" for name, why in missing], ""]
     plot = plot_accuracy_vs_queries(rows, run_dir / "accuracy_vs_queries.png")
     if plot is not None:
-        lines += [f"![accuracy against queries per pair]({plot.name})", ""]
+        lines += [f"![accuracy against teacher queries]({plot.name})", ""]
     text = "\n".join(lines)
     (run_dir / "report.md").write_text(text)
     return text
+
+
+def _transfer_sentence(recipe, run_dir: Path) -> str:
+    """The report's words for the transfer set, e.g. 'train split, first 500 as transfer set'."""
+    if not recipe.transfer.zero_shot:
+        subset = "" if recipe.transfer.subset is None else f", first {recipe.transfer.subset}"
+        return f"{recipe.transfer.split} split{subset} as transfer set"
+    try:
+        manifest = json.loads((run_dir / SYNTHESIZE / "manifest.json").read_text())
+        made = (f"{manifest['num_samples']:,} pseudo samples synthesized with {manifest['total_queries']:,} "
+                "teacher queries")
+    except (OSError, ValueError, KeyError):
+        made = f"{recipe.transfer.synthesize['per_class']} pseudo samples per class to synthesize"
+    return f"zero-shot: no real training image; {made} as transfer set; the test split for evaluation only"
 
 
 def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -57,7 +75,7 @@ def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[
             missing.append((stage.name, "not run"))
         elif state.get("status") != "done":
             missing.append((stage.name, f"unfinished ({state.get('status')})"))
-        elif stage.kind != "soft_labels":
+        elif stage.kind not in ("soft_labels", "synthesize"):
             try:
                 metrics = json.loads((run_dir / stage.name / "metrics.json").read_text())
             except (OSError, json.JSONDecodeError) as e:
@@ -67,8 +85,11 @@ def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[
     return results, missing
 
 
-def summarise(results: list[dict]) -> list[dict]:
-    """One row per (label, arch), in first-seen order, with mean and std over seeds."""
+def summarise(results: list[dict], default_transfer: str = "train split") -> list[dict]:
+    """One row per (label, arch), in first-seen order, with mean and std over seeds.
+
+    `default_transfer` describes the transfer set of students whose metrics predate `transfer_set`.
+    """
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[r["label"], r["arch"]].append(r)
@@ -79,6 +100,9 @@ def summarise(results: list[dict]) -> list[dict]:
         samples = first.get("transfer_samples")
         rows.append({
             "label": label, "kind": first["kind"], "arch": arch, "seeds": len(runs),
+            "transfer": _transfer_cell(first.get("transfer_set", default_transfer), samples),
+            "zero_shot": first.get("transfer_set") == "synthesized",
+            "queries": first.get("teacher_queries_transfer"),
             "accuracy": _stats([r["test_accuracy"] for r in runs]),
             "fidelity": _stats([r.get("fidelity") for r in runs]),
             "queries_per_sample": None if first.get("white_box") or not samples
@@ -90,6 +114,12 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
+def _transfer_cell(kind: str, samples: int | None) -> str:
+    if samples is None:
+        return kind
+    return f"synthesized, {samples:,} pseudo samples" if kind == "synthesized" else f"{kind}, {samples:,} images"
+
+
 def _stats(values: list) -> tuple[float, float] | None:
     values = [v for v in values if v is not None]
     return (float(np.mean(values)), float(np.std(values))) if values else None
@@ -98,14 +128,14 @@ def _stats(values: list) -> tuple[float, float] | None:
 def _table(rows: list[dict]) -> str:
     if not rows:
         return "_No student has finished yet._"
-    header = ["method", "student", "seeds", "test accuracy", "fidelity", "queries / transfer sample",
-              "queries / pair", "soft-label time (s)", "training time (s)"]
+    header = ["method", "student", "transfer set", "seeds", "test accuracy", "fidelity", "teacher queries",
+              "queries / transfer sample", "queries / pair", "soft-label time (s)", "training time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         label = f"{row['label']} — {WHITE_BOX_NOTE}" if row["kind"] == "standard-kd" else row["label"]
-        cells = [label, row["arch"], str(row["seeds"]), _pm(row["accuracy"], 4), _pm(row["fidelity"], 4),
-                 _num(row["queries_per_sample"], 1), _num(row["queries_per_pair"], 1),
-                 _num(row["soft_label_seconds"], 1), _pm(row["train_seconds"], 1)]
+        cells = [label, row["arch"], row["transfer"], str(row["seeds"]), _pm(row["accuracy"], 4),
+                 _pm(row["fidelity"], 4), _num(row["queries"], 0), _num(row["queries_per_sample"], 1),
+                 _num(row["queries_per_pair"], 1), _num(row["soft_label_seconds"], 1), _pm(row["train_seconds"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -119,7 +149,12 @@ def _num(value, digits: int) -> str:
 
 
 def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
-    """Student accuracy against queries per pair, one colour per architecture; baselines as horizontal lines."""
+    """Student accuracy against the teacher queries behind its training data, one colour per architecture.
+
+    Those queries are the synthesis's (zero-shot), the labels' and the soft labels' (`teacher_queries_transfer`),
+    so zero-shot and data-based students sit on one axis. The white-box standard-KD reference, which sends
+    no label query for its labels, is a horizontal line.
+    """
     if not rows:
         return None
     import matplotlib
@@ -128,28 +163,34 @@ def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    plotted = []
     for colour, arch in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], dict.fromkeys(r["arch"] for r in rows)):
-        points = sorted((r for r in rows if r["arch"] == arch and r["kind"] == "distill"),
-                        key=lambda r: r["queries_per_pair"])
+        points = sorted((r for r in rows if r["arch"] == arch and r["kind"] in ("distill", "ce") and r["queries"]),
+                        key=lambda r: r["queries"])
+        for r in points:
+            ax.errorbar(r["queries"], r["accuracy"][0], yerr=r["accuracy"][1], fmt="s" if r["kind"] == "ce" else "o",
+                        color=colour, capsize=3, mfc="none" if r["zero_shot"] else colour)
+            name = "CE on top-1 labels" if r["kind"] == "ce" else r["label"]
+            ax.annotate(name + (" (zero-shot)" if r["zero_shot"] else ""), (r["queries"], r["accuracy"][0]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)
+        plotted += points
         if points:
-            x = [r["queries_per_pair"] for r in points]
-            ax.errorbar(x, [r["accuracy"][0] for r in points], yerr=[r["accuracy"][1] for r in points],
-                        fmt="o", color=colour, capsize=3, label=arch)
-            for stage in dict.fromkeys(r["label"].split(" @")[0] for r in points):  # mbd and its checkpoints: a curve
-                curve = [r for r in points if r["label"].split(" @")[0] == stage]
-                if len(curve) > 1:
-                    ax.plot([r["queries_per_pair"] for r in curve], [r["accuracy"][0] for r in curve], "-",
-                            color=colour, alpha=0.5)
-            for r in points:
-                ax.annotate(r["label"], (r["queries_per_pair"], r["accuracy"][0]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
+            ax.plot([], [], "o", color=colour, label=arch)
+        distilled = [r for r in points if r["kind"] == "distill"]
+        for stage in dict.fromkeys(r["label"].split(" @")[0] for r in distilled):  # mbd and its checkpoints: a curve
+            curve = [r for r in distilled if r["label"].split(" @")[0] == stage]
+            if len(curve) > 1:
+                ax.plot([r["queries"] for r in curve], [r["accuracy"][0] for r in curve], "-", color=colour, alpha=0.5)
         for r in rows:
-            if r["arch"] == arch and r["kind"] in ("ce", "standard-kd"):
-                style = "--" if r["kind"] == "ce" else ":"
-                name = "CE on top-1 labels" if r["kind"] == "ce" else "standard KD (white-box)"
-                ax.axhline(r["accuracy"][0], linestyle=style, color=colour, linewidth=1, label=f"{arch}: {name}")
-    ax.set(xlabel="teacher queries per (sample, class) pair", ylabel="student test accuracy",
-           title="Student accuracy against soft-label queries")
+            if r["arch"] == arch and r["kind"] == "standard-kd":
+                ax.axhline(r["accuracy"][0], linestyle=":", color=colour, linewidth=1,
+                           label=f"{arch}: standard KD (white-box)")
+    if plotted:
+        ax.set_xscale("log")
+    if any(r["zero_shot"] for r in plotted):
+        ax.plot([], [], "o", color="gray", mfc="none", label="hollow: zero-shot (pseudo samples)")
+    ax.set(xlabel="teacher queries behind the training data (synthesis + labels + soft labels)",
+           ylabel="student test accuracy", title="Student accuracy against teacher queries")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import BudgetExceededError, ConfigError, DataError
+from .executors import ATTEMPTS_FILE, AttemptLog, LocalExecutor, ShardDone, query_accounting, run_shards
 from .jobs import write_json
 from .oracle import LabelOracle
 from .robustness import ESTIMATORS, distances_to_logits, estimator_from_name
@@ -79,6 +80,7 @@ def reference_labels(store: ShardStore, oracle: LabelOracle, reference_x: np.nda
     labels = oracle.labels(reference_x)
     queries = oracle.queries - before
     save_npz_atomic(path, labels=labels, queries=queries)
+    AttemptLog(store.root / ATTEMPTS_FILE).record("driver", None, 1, queries, kept=True)
     return labels, queries
 
 
@@ -92,6 +94,7 @@ def compute_soft_labels(
     progress: bool = True,
     reference_y: np.ndarray | None = None,
     store_images: bool = False,
+    executor=None,
 ) -> dict:
     """Distances and soft labels for `x[indices]`, with `x` (the whole split) as reference samples.
 
@@ -107,6 +110,8 @@ def compute_soft_labels(
             labelled during synthesis): no labelling queries are then sent.
         store_images: also store `x[indices]` as `images` in soft_labels.npz (pseudo samples, which no
             dataset holds).
+        executor: where the shards are computed (`db3kd.executors`); default in this process. The
+            reference labels are always asked here, with `oracle`, whose budget then caps the executor's.
 
     Returns the manifest (also written to out_dir/manifest.json); arrays go to out_dir/soft_labels.npz.
     """
@@ -128,27 +133,46 @@ def compute_soft_labels(
     bar = tqdm(total=len(indices) * pairs_per_sample, unit="pair", desc=f"{config.method} soft labels",
                disable=not progress, mininterval=1 if sys.stderr.isatty() else 30)  # sparse lines in logs
     bar.update((len(indices) - sum(len(chunks[s]) for s in todo)) * pairs_per_sample)
-    for s in todo:
-        idx = chunks[s]
+
+    def written(done: ShardDone) -> None:
+        bar.update(len(chunks[done.shard]) * pairs_per_sample)
+        bar.set_postfix(queries_per_s=f"{done.queries / max(done.seconds, 1e-9):,.0f}")
+
+    job = SoftLabelShard(config, x, ref_labels, chunks, str(out))
+    try:
+        summary = run_shards(executor or LocalExecutor(), job, todo, oracle, store, written)
+    finally:
+        bar.close()
+    return _finish(store, shards, label_queries, run_info, config, out, x if store_images else None, summary)
+
+
+@dataclass
+class SoftLabelShard:
+    """The estimator over one shard's samples (a `db3kd.executors.ShardJob`: it may run on a Ray worker)."""
+
+    config: SoftLabelConfig
+    x: np.ndarray  # the whole split: the references
+    reference_labels: np.ndarray
+    chunks: list[np.ndarray]  # dataset indices of each shard
+    out: str  # the run directory, for messages
+
+    def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
+        idx = self.chunks[shard]
         started, before = time.perf_counter(), oracle.queries
-        result = _estimate(config, oracle, x, idx, ref_labels)
+        result = _estimate(self.config, oracle, self.x, idx, self.reference_labels)
         if result.budget_exhausted:
             raise BudgetExceededError(oracle.queries, oracle.budget, 1, advice=(
-                f"It ran out during shard {s}; finished shards are kept in {out}: rerun the same command with a "
-                "larger budget to resume."))
-        seconds = time.perf_counter() - started
-        arrays = dict(indices=idx, labels=ref_labels[idx], distances=result.distances, queries=result.queries,
-                      shard_queries=np.array([oracle.queries - before]), shard_seconds=np.array([seconds]))
+                f"It ran out during shard {shard}; finished shards are kept in {self.out}: rerun the same command "
+                "with a larger budget to resume."))
+        arrays = dict(indices=idx, labels=self.reference_labels[idx], distances=result.distances,
+                      queries=result.queries, shard_queries=np.array([oracle.queries - before]),
+                      shard_seconds=np.array([time.perf_counter() - started]))
         if result.distances_at is not None:
             arrays["distances_at"] = np.moveaxis(result.distances_at, 0, 1)  # (n, checkpoints, K): concatenable
             arrays["checkpoints"] = np.array([result.checkpoints])
-        if config.save_points:
+        if self.config.save_points:
             arrays["points"] = result.points
-        store.write(s, **arrays)
-        bar.update(len(idx) * pairs_per_sample)
-        bar.set_postfix(queries_per_s=f"{(oracle.queries - before) / max(seconds, 1e-9):,.0f}")
-    bar.close()
-    return _finish(store, shards, label_queries, run_info, config, out, x if store_images else None)
+        return arrays
 
 
 def _estimate(config: SoftLabelConfig, oracle, x, idx, ref_labels):
@@ -158,7 +182,7 @@ def _estimate(config: SoftLabelConfig, oracle, x, idx, ref_labels):
 
 
 def _finish(store: ShardStore, shards: range, label_queries: int, run_info: dict, config: SoftLabelConfig, out: Path,
-            images: np.ndarray | None = None) -> dict:
+            images: np.ndarray | None = None, executor: dict | None = None) -> dict:
     merged = store.merge(shards)
     arrays = {key: merged[key] for key in ("indices", "labels", "distances", "queries")}
     if images is not None:
@@ -183,6 +207,8 @@ def _finish(store: ShardStore, shards: range, label_queries: int, run_info: dict
         "total_queries": estimator_queries + label_queries,
         "reference_label_queries": label_queries,
         "estimator_queries": estimator_queries,
+        **query_accounting(out, merged["shard_queries"].tolist()),
+        "executor": executor or LocalExecutor().summary(),
         "queries_per_pair": float(arrays["queries"].sum() / max(pair_mask.sum(), 1)),
         "median_distance": float(np.median(arrays["distances"][np.isfinite(arrays["distances"])])) if np.isfinite(arrays["distances"]).any() else None,
         "seconds": float(merged["shard_seconds"].sum()),

@@ -12,6 +12,7 @@ result as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import BudgetExceededError, ConfigError, DataError
+from .executors import LocalExecutor, ShardDone, query_accounting, run_shards
 from .jobs import write_json
 from .oracle import LabelOracle
 from .robustness import BoundaryDistance, MinimalBoundaryDistance
@@ -273,8 +275,14 @@ def synthesize_shard(oracle: LabelOracle, labels: np.ndarray, ids: np.ndarray, c
                 shard_seconds=np.array([time.perf_counter() - started]))
 
 
+def _shard_job(labels: np.ndarray, config: SynthesisConfig, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
+    """Shard `shard` of `synthesize` (module level, so that Ray workers can run it: see db3kd.executors)."""
+    ids = np.arange(shard * config.shard_size, min((shard + 1) * config.shard_size, len(labels)))
+    return synthesize_shard(oracle, labels[ids], ids, config, shard)
+
+
 def synthesize(oracle: LabelOracle, config: SynthesisConfig, out_dir: str | os.PathLike, run_info: dict,
-               progress: bool = True) -> dict:
+               progress: bool = True, executor=None) -> dict:
     """Make `config.per_class` pseudo samples of every class into `out_dir`, resuming finished shards.
 
     Writes `pseudo_samples.npz` (`images` (N, C, H, W) float32, `labels` (N,), `distances` (rounds, N) the
@@ -296,20 +304,24 @@ def synthesize(oracle: LabelOracle, config: SynthesisConfig, out_dir: str | os.P
     bar = tqdm(total=n, unit="sample", desc="synthesize", disable=not progress,
                mininterval=1 if sys.stderr.isatty() else 30)
     bar.update(n - sum(len(labels[starts[s]:starts[s] + config.shard_size]) for s in todo))
-    for s in todo:
-        ids = np.arange(starts[s], min(starts[s] + config.shard_size, n))
-        before, started = oracle.queries, time.perf_counter()
-        arrays = synthesize_shard(oracle, labels[ids], ids, config, s)
-        store.write(s, **arrays)
-        bar.update(len(ids))
-        mean = _finite_mean(arrays["distances"][:, -1])
+
+    def written(done: ShardDone) -> None:
+        bar.update(len(done.arrays["labels"]))
+        mean = _finite_mean(done.arrays["distances"][:, -1])
         bar.set_postfix(mean_distance="n/a" if mean is None else f"{mean:.3f}",
-                        queries_per_s=f"{(oracle.queries - before) / max(time.perf_counter() - started, 1e-9):,.0f}")
-    bar.close()
-    return _finish(store, range(len(starts)), config, run_info, out, k)
+                        queries_per_s=f"{done.queries / max(done.seconds, 1e-9):,.0f}")
+
+    # `executor` (db3kd.executors) computes the shards, here by default or on Ray; they are written here.
+    try:
+        summary = run_shards(executor or LocalExecutor(), functools.partial(_shard_job, labels, config), todo,
+                             oracle, store, written)
+    finally:
+        bar.close()
+    return _finish(store, range(len(starts)), config, run_info, out, k, summary)
 
 
-def _finish(store: ShardStore, shards: range, config: SynthesisConfig, run_info: dict, out: Path, k: int) -> dict:
+def _finish(store: ShardStore, shards: range, config: SynthesisConfig, run_info: dict, out: Path, k: int,
+            executor: dict | None = None) -> dict:
     merged = store.merge(shards)
     distances = merged["distances"].T  # (rounds, N)
     save_npz_atomic(out / "pseudo_samples.npz", images=merged["images"], labels=merged["labels"], distances=distances,
@@ -335,6 +347,10 @@ def _finish(store: ShardStore, shards: range, config: SynthesisConfig, run_info:
         "mean_distance_per_round": [_finite_mean(d) for d in distances],
         "no_boundary_found_per_round": [int((~np.isfinite(d)).sum(axis=0)) for d in distances],
         "seconds": float(merged["shard_seconds"].sum(axis=0)),
+        # Per shard: its noise draws plus its samples' round queries (shards hold consecutive samples).
+        **query_accounting(out, (merged["sampling_queries"] + np.add.reduceat(
+            merged["queries"], np.arange(0, len(merged["queries"]), config.shard_size))).tolist()),
+        "executor": executor or LocalExecutor().summary(),
         "version": __version__,
     }
     write_json(out / "manifest.json", manifest)

@@ -7,7 +7,7 @@ import os
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "run", help="run a recipe: soft labels, students and baselines, cached per stage",
+        "run", help="run a recipe: synthesis (zero-shot), soft labels, students and baselines, cached per stage",
         description="Run the experiment declared in a YAML recipe (see db3kd.recipe). Each stage is cached in the "
                     "run directory: a rerun skips finished stages and recomputes only those whose config changed.")
     parser.add_argument("recipe", metavar="RECIPE.yaml")

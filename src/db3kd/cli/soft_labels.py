@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_data_args, add_teacher_args, open_teacher
+from .common import add_budget_arg, add_data_args, add_executor_args, add_teacher_args, make_executor, open_teacher
 
 
 def register(subparsers) -> None:
@@ -25,13 +25,13 @@ def register(subparsers) -> None:
     parser.add_argument("--budget", type=int, metavar="Q", help="queries per (sample, target) pair at most")
     parser.add_argument("--checkpoints", metavar="Q1,Q2,...",
                         help="mbd: also record the distance reached at these queries per pair, e.g. 250,500,1000")
-    parser.add_argument("--max-queries", type=int, metavar="TOTAL",
-                        help="stop (resumably) once the teacher has seen this many images in this invocation")
+    add_budget_arg(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
     parser.add_argument("--save-points", action="store_true",
                         help="also store the boundary point of every pair (N x K images: for subsets)")
     parser.add_argument("--out", required=True, help="run directory (resumed if it exists)")
+    add_executor_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -66,6 +66,7 @@ def run(args) -> int:
 
     config = SoftLabelConfig(method=args.method, params=estimator_params(args), seed=args.seed,
                              shard_size=args.shard_size, save_points=args.save_points)
+    executor = make_executor(args)  # before any query: a missing Ray or a bad option costs nothing
     if (args.dataset is None) == (args.pseudo is None):
         raise ConfigError("expected exactly one of --dataset (real samples) or --pseudo DIR (synthesized samples), "
                           f"got {'both' if args.dataset else 'neither'}")
@@ -89,7 +90,7 @@ def run(args) -> int:
         indices = check_indices(np.arange(len(x)), len(x))
     oracle = open_teacher(args.teacher, args.api_key, budget=args.max_queries)
     manifest = compute_soft_labels(oracle, x, indices, config, args.out, run_info, reference_y=reference_y,
-                                   store_images=reference_y is not None)
+                                   store_images=reference_y is not None, executor=executor)
     print(f"{manifest['method']} soft labels for {manifest['num_samples']} samples: median distance "
           f"{manifest['median_distance']:.3f}, {manifest['queries_per_pair']:.1f} queries per pair, "
           f"{manifest['total_queries']} teacher queries in all; wrote {args.out}/soft_labels.npz and manifest.json")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_teacher_args, open_teacher
+from .common import add_budget_arg, add_executor_args, add_teacher_args, make_executor, open_teacher
 
 
 def register(subparsers) -> None:
@@ -22,11 +22,11 @@ def register(subparsers) -> None:
                              "change (default 2)")
     parser.add_argument("--max-draws", type=int, default=200_000,
                         help="noise images drawn per shard at most while a class lacks samples (default 200000)")
-    parser.add_argument("--max-queries", type=int, metavar="TOTAL",
-                        help="stop (resumably) once the teacher has seen this many images in this invocation")
+    add_budget_arg(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=500, metavar="M", help="samples per shard (default 500)")
     parser.add_argument("--out", required=True, help="run directory (resumed if it exists)")
+    add_executor_args(parser)
     parser.set_defaults(run=run)
 
 
@@ -37,6 +37,7 @@ def run(args) -> int:
 
     config = SynthesisConfig(per_class=args.per_class, budget_per_sample=args.budget_per_sample, rounds=args.rounds,
                              step=args.step, max_draws=args.max_draws, seed=args.seed, shard_size=args.shard_size)
+    executor = make_executor(args)  # before any query: a missing Ray or a bad option costs nothing
     oracle = open_teacher(args.teacher, args.api_key, budget=args.max_queries)
     threads = torch.get_num_threads()
     if not args.teacher.lower().endswith((".pt", ".pth")):
@@ -44,7 +45,7 @@ def run(args) -> int:
         # against ONNX Runtime's on the same cores (measured on 2 loaded cores: 6x slower).
         torch.set_num_threads(1)
     try:
-        manifest = synthesize(oracle, config, args.out, {"teacher": args.teacher})
+        manifest = synthesize(oracle, config, args.out, {"teacher": args.teacher}, executor=executor)
     finally:
         torch.set_num_threads(threads)
     rates = manifest["acceptance_rates"].values()

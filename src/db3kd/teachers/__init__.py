@@ -46,8 +46,8 @@ def load_teacher(spec: str | os.PathLike | torch.nn.Module | LabelBackend, **opt
     )
 
 
-def open_oracle(spec, budget: int | None = None, chunk_size: int | None = None, **options):
-    """A `LabelOracle` over the teacher `spec` (see `load_teacher`)."""
+def open_oracle(spec, budget: int | None = None, chunk_size: int | None = None, ledger=None, **options):
+    """A `LabelOracle` over the teacher `spec` (see `load_teacher`); `ledger`: a shared budget (`QueryLedger`)."""
     from ..oracle import LabelOracle
 
-    return LabelOracle(load_teacher(spec, **options), budget=budget, chunk_size=chunk_size)
+    return LabelOracle(load_teacher(spec, **options), budget=budget, chunk_size=chunk_size, ledger=ledger)
