@@ -374,3 +374,39 @@ def test_a_lost_driver_leaves_finished_shards_for_a_local_resume(ray_instance, d
     assert not (killed / "soft_labels.npz").exists()
     assert soft_labels(digits_teacher, killed, *args) == 0
     assert_same_arrays(full / "soft_labels.npz", killed / "soft_labels.npz")
+
+
+def test_a_recipe_run_on_ray_equals_the_local_run(ray_instance, digits_teacher, tmp_path):
+    """`db3kd run --executor ray`: the synthesize and soft-label stages on Ray, one executor for both; every
+    stage's results equal the local run's, and its stage hashes too."""
+    import yaml
+
+    from db3kd.pipeline import run_recipe
+    from db3kd.recipe import load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "zs-ray", "dataset": {"name": "digits"}, "teacher": str(digits_teacher),
+        "transfer": {"synthesize": {"per_class": 2, "budget_per_sample": 300, "rounds": 2, "shard_size": 10,
+                                    "draw_batch": 200}},
+        "soft_labels": {"bd": {"method": "bd", "params": {"max_queries": 10}, "shard_size": 8}},  # 3 shards
+        "students": {"arch": ["lenet5-fifth"], "seeds": [0], "train": {"epochs": 1, "batch_size": 16}},
+        "baselines": ["ce"]}, sort_keys=False))
+    run_recipe(load_recipe(recipe), tmp_path / "local", progress=False)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "ray"), "--quiet", "--executor", "ray",
+                 "--workers", "2"]) == 0
+    local, ray = tmp_path / "local", tmp_path / "ray"
+    assert_same_arrays(local / "synthesize" / "pseudo_samples.npz", ray / "synthesize" / "pseudo_samples.npz")
+    assert_same_arrays(local / "soft_labels/bd/soft_labels.npz", ray / "soft_labels/bd/soft_labels.npz")
+    for stage in ("synthesize", "soft_labels/bd"):
+        m = manifest(ray / stage)
+        assert m["executor"]["name"] == "ray" and m["executor"]["workers"] == 2
+        assert m["executor"]["worker_queries"] == sum(m["shard_queries"]) > 0
+        assert m["total_queries"] == manifest(local / stage)["total_queries"]
+    assert len(manifest(ray / "soft_labels/bd")["shard_queries"]) == 3
+    for stage in ("synthesize", "soft_labels/bd", "students/bd-lenet5-fifth-seed0", "students/ce-lenet5-fifth-seed0"):
+        a, b = (json.loads((d / stage / "stage.json").read_text()) for d in (local, ray))
+        assert a["hash"] == b["hash"] and a["teacher_queries"] == b["teacher_queries"], stage
+        if stage.startswith("students/"):
+            assert (a["test_accuracy"], a["fidelity"]) == (b["test_accuracy"], b["fidelity"]), stage
+    assert yaml.safe_load((ray / "recipe.resolved.yaml").read_text())["executor"]["kind"] == "ray"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,10 +198,21 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("soft_labels.Bad-Name", {"method": "sd"}, r"^soft_labels\.Bad-Name: expected a stage name"),
     ("soft_labels.mbd.subset", 500, r"^soft_labels\.mbd\.subset: expected at most transfer\.subset = 120, got 500$"),
     ("transfer.split", "val", r"^transfer\.split: expected 'train' or 'test', got 'val'$"),
+    ("transfer.mixtures", {"count": 5},
+     r"^transfer\.mixtures: expected mixtures only together with synthesize \(they are mixtures of its pseudo samples\)"),
     ("baselines", ["ce", "kd"], r"^baselines: expected names from ce, standard-kd, got 'kd'$"),
     ("teacher", "http://localhost:1", r"^baselines: expected no standard-kd with a teacher behind a URL"),
     ("students.train.batch_size", 0, r"^students\.train\.batch_size: expected a positive integer, got 0$"),
     ("students.loss", {"reduction": "mean"}, r"^students\.loss: reduction must be 'sum' or 'batchmean', got 'mean'$"),
+    ("executor", "ray", r"^executor: expected a mapping of ExecutorSpec settings, got 'ray'$"),
+    ("executor", {"kind": "dask"}, r"^executor\.kind: expected one of local, ray, got 'dask'$"),
+    ("executor", {"kind": "ray", "worker": 2},
+     r"^executor\.worker: unknown key; expected one of kind, address, workers, max_retries$"),
+    ("executor", {"kind": "ray", "workers": 0}, r"^executor\.workers: expected a positive integer or null, got 0$"),
+    ("executor", {"kind": "ray", "workers": "all"}, r"^executor\.workers: expected int, got 'all'$"),
+    ("executor", {"kind": "ray", "max_retries": -1}, r"^executor\.max_retries: expected an integer >= 0, got -1$"),
+    ("executor", {"kind": "ray", "address": 6379}, r"^executor\.address: expected str, got 6379$"),
+    ("executor", {"workers": 2}, r"^executor\.workers: expected null unless kind is ray, got 2$"),
 ], ids=lambda v: v if isinstance(v, str) and not v.startswith("^") else None)
 def test_bad_recipes_are_refused_precisely(digits_teacher, path, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -233,3 +245,59 @@ def test_shipped_recipes_are_valid(name):
     stages = plan_stages(recipe)
     assert any(s.kind == "standard-kd" for s in stages) and any(s.config.get("checkpoint") for s in stages)
     assert Path(recipe.teacher).is_absolute()
+
+
+# --- the executor: where shards run, never part of a stage's hash --------------------------------------------
+
+
+def test_executor_is_parsed_with_defaults_and_kept_out_of_stage_hashes(digits_teacher):
+    from db3kd.recipe import ExecutorSpec
+
+    local = parse_recipe(tiny_recipe(digits_teacher))
+    assert local.executor == ExecutorSpec("local", None, None, 3)
+    ray = parse_recipe({**tiny_recipe(digits_teacher), "executor": {"kind": "ray", "address": "auto", "workers": 2}})
+    assert ray.executor == ExecutorSpec("ray", "auto", 2, 3)
+    assert [(s.name, s.hash) for s in plan_stages(ray, "t")] == [(s.name, s.hash) for s in plan_stages(local, "t")]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+
+
+def test_switching_executor_recomputes_nothing_and_needs_no_ray(tmp_path, copied_run, no_ray):
+    before = stage_mtimes(copied_run)
+    raw = {**tiny_recipe_from(copied_run), "executor": {"kind": "ray", "workers": 2}}
+    statuses = run(raw, tmp_path, copied_run)
+    assert set(statuses.values()) == {"skipped"} and stage_mtimes(copied_run) == before
+    assert yaml.safe_load((copied_run / "recipe.resolved.yaml").read_text())["executor"] == {
+        "kind": "ray", "address": None, "workers": 2, "max_retries": 3}
+    assert json.loads((copied_run / "run.json").read_text())["executor"]["kind"] == "ray"
+
+    # A soft-label stage with work to do: the missing Ray is found before any stage starts.
+    raw["soft_labels"]["bd"]["params"]["max_queries"] = 10
+    with pytest.raises(ConfigError, match=r"needs Ray.*pip install 'db3kd\[ray\]'"):
+        run(raw, tmp_path, copied_run)
+    assert stage_mtimes(copied_run) == before
+
+
+def test_cli_executor_options_override_the_recipes(tmp_path, copied_run, no_ray, capsys):
+    from db3kd.cli import main
+
+    raw = {**tiny_recipe_from(copied_run), "executor": {"kind": "ray", "address": "auto", "workers": 2}}
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    args = ["run", str(recipe), "--out", str(copied_run), "--quiet"]
+    assert main([*args, "--executor", "ray", "--workers", "0"]) == 2
+    assert "--workers: expected a positive integer or null, got 0" in capsys.readouterr().err
+    assert main([*args, "--executor", "local", "--max-retries", "1"]) == 2
+    assert "--max-retries applies to --executor ray only" in capsys.readouterr().err
+
+    # --executor local drops the recipe's Ray settings: an edited stage is recomputed here, without Ray.
+    raw["soft_labels"]["sd"]["shard_size"] = 60
+    write_recipe(recipe, raw)
+    assert main([*args, "--executor", "local"]) == 0
+    assert "soft_labels/sd: done" in capsys.readouterr().out
+    manifest = json.loads((copied_run / "soft_labels/sd/manifest.json").read_text())
+    assert manifest["executor"]["name"] == "local" and len(manifest["shard_queries"]) == 2
+    assert json.loads((copied_run / "run.json").read_text())["executor"] == {
+        "kind": "local", "address": None, "workers": None, "max_retries": 3}

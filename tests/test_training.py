@@ -118,6 +118,7 @@ def test_demo_runs_the_whole_path(tmp_path, capsys, monkeypatch):
 
     # A smaller zero-shot synthesis than the demo's (30 pseudo samples): the same path, in seconds.
     monkeypatch.setattr(demo, "DEMO_SYNTHESIS", {"per_class": 3, "budget_per_sample": 200, "rounds": 2, "shard_size": 10})
+    monkeypatch.setattr(demo, "DEMO_MIXTURES", {"count": 300, "max_shift": 1})
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "3"]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     teacher, ce, bd, zero_shot = summary["rows"]
@@ -126,18 +127,22 @@ def test_demo_runs_the_whole_path(tmp_path, capsys, monkeypatch):
     manifest = json.loads((tmp_path / "demo" / "soft-labels-bd" / "manifest.json").read_text())
     assert bd["teacher_queries"] == manifest["total_queries"] > summary["train_samples"]
     assert 0 < bd["fidelity"] <= 1 and 0 < ce["fidelity"] <= 1
-    # Zero-shot: the student's queries are the synthesis's plus the soft labels', which label nothing again.
+    # Zero-shot: the student's queries are the synthesis's, the soft labels' (which label nothing again) and
+    # the mixtures' (one each).
     synth = json.loads((tmp_path / "demo" / "synthesize" / "manifest.json").read_text())
     soft = json.loads((tmp_path / "demo" / "soft-labels-zero-shot" / "manifest.json").read_text())
     assert summary["pseudo_samples"] == 30 and soft["reference_label_queries"] == 0
-    assert zero_shot["teacher_queries"] == synth["total_queries"] + soft["total_queries"] == (
-        summary["synthesis_queries"] + summary["zero_shot_soft_label_queries"])
+    assert summary["mixtures"] == summary["mixture_queries"] == 300
+    assert zero_shot["teacher_queries"] == synth["total_queries"] + soft["total_queries"] + 300 == (
+        summary["synthesis_queries"] + summary["zero_shot_soft_label_queries"] + summary["mixture_queries"])
     assert 0 <= zero_shot["fidelity"] <= 1
     metrics = json.loads((tmp_path / "demo" / "student-zsdb3kd-bd" / "metrics.json").read_text())
-    assert metrics["train_samples"] == 30 and metrics["transfer_set"] == "synthesized"
+    assert metrics["train_samples"] == 30 + 300 and metrics["transfer_set"] == "synthesized"
+    assert metrics["teacher_queries_mixtures"] == 300
     out = capsys.readouterr().out
     assert "DB3KD-BD" in out and "CE on top-1 labels" in out
     assert "| student, ZSDB3KD-BD (zero-shot) " in out and "Zero-shot: 30 pseudo samples synthesized from noise" in out
+    assert "300 teacher-labelled mixtures of them (300)" in out
 
 
 def test_standard_kd_baseline_reads_logits_and_says_so(digits_teacher, tmp_path, monkeypatch):

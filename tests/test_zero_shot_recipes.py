@@ -232,6 +232,14 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("transfer.subset", 100, r"^transfer\.subset: expected no subset with synthesize"),
     ("soft_labels.mbd.subset", 31,
      r"^soft_labels\.mbd\.subset: expected at most transfer\.synthesize\.per_class x 10 classes = 30, got 31$"),
+    ("transfer.mixtures", {"count": 0}, r"^transfer\.mixtures: count must be an integer >= 1, got 0$"),
+    ("transfer.mixtures", {"max_shift": 1}, r"^transfer\.mixtures\.count: missing; MixtureConfig needs count$"),
+    ("transfer.mixtures", {"count": 5, "max_shfit": 1},
+     r"^transfer\.mixtures\.max_shfit: unknown key; expected one of count, max_shift, min_brightness, seed, shard_size$"),
+    ("transfer.mixtures", {"count": 5, "min_brightness": 1.5},
+     r"^transfer\.mixtures: min_brightness must be a number in \(0, 1\], got 1\.5$"),
+    ("transfer.mixtures", {"count": 5, "max_shift": 1.5}, r"^transfer\.mixtures: max_shift must be an integer >= 0, got 1\.5$"),
+    ("transfer.mixtures", 400, r"^transfer\.mixtures: expected a mapping with string keys, got 400$"),
 ], ids=lambda v: v if isinstance(v, str) and not v.startswith("^") else None)
 def test_bad_zero_shot_recipes_are_refused_precisely(digits_teacher, path, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -241,11 +249,17 @@ def test_bad_zero_shot_recipes_are_refused_precisely(digits_teacher, path, value
 def test_shipped_zero_shot_recipe_is_valid():
     recipe = load_recipe(RECIPES / "mnist-zsdb3kd.yaml", check_files=False)
     assert recipe.transfer.zero_shot and recipe.transfer.split is None
-    assert recipe.transfer.synthesize["per_class"] == 600 and recipe.transfer.synthesize["rounds"] == 8
+    assert recipe.transfer.synthesize["per_class"] == 500 and recipe.transfer.synthesize["rounds"] == 6
+    assert recipe.transfer.mixtures == {"count": 400_000, "max_shift": 3, "min_brightness": 0.3, "seed": 0,
+                                        "shard_size": 50_000}
+    assert (recipe.students.train.epochs, recipe.students.train.batch_size) == (6, 128)
     assert recipe.teacher.endswith("shared/teachers/lenet5_mnist.onnx") and Path(recipe.teacher).is_absolute()
     stages = plan_stages(recipe)
-    assert stages[0].kind == "synthesize" and recipe.students.arch == ["lenet5-half"]
+    assert [s.kind for s in stages[:2]] == ["synthesize", "mixtures"] and recipe.students.arch == ["lenet5-half"]
     assert {s.name: s.inputs for s in stages if s.kind == "soft_labels"} == {"soft_labels/bd": ["synthesize"]}
+    inputs = {s.kind: s.inputs for s in stages if s.name.startswith("students/")}
+    assert inputs == {"distill": ["soft_labels/bd", "mixtures"], "ce": ["synthesize", "mixtures"],
+                      "standard-kd": ["synthesize"]}
 
 
 def test_mnist_zero_shot_recipe_runs_without_training_files(teacher_onnx, shared_dir, tmp_path, test_split_only):
@@ -256,7 +270,8 @@ def test_mnist_zero_shot_recipe_runs_without_training_files(teacher_onnx, shared
         shutil.copy(shared_dir / "data" / "mnist" / name, data / name)
     raw = {"name": "mnist-zs", "dataset": {"name": "mnist", "data_dir": str(tmp_path / "data")},
            "teacher": str(teacher_onnx),
-           "transfer": {"synthesize": {"per_class": 2, "budget_per_sample": 120, "rounds": 1, "shard_size": 20}},
+           "transfer": {"synthesize": {"per_class": 2, "budget_per_sample": 120, "rounds": 1, "shard_size": 20},
+                        "mixtures": {"count": 100, "shard_size": 60}},
            "soft_labels": {"bd": {"method": "bd", "params": {"max_queries": 10}}},
            "students": {"arch": ["lenet5-fifth"], "train": {"epochs": 1, "batch_size": 64}}}
     statuses = run(raw, tmp_path, tmp_path / "run")
@@ -264,6 +279,7 @@ def test_mnist_zero_shot_recipe_runs_without_training_files(teacher_onnx, shared
     assert not list((tmp_path / "data" / "mnist").glob("train-*"))  # nothing was downloaded either
     metrics = read(tmp_path / "run/students/bd-lenet5-fifth-seed0/metrics.json")
     assert metrics["transfer_set"] == "synthesized" and 0 <= metrics["test_accuracy"] <= 1
+    assert metrics["train_samples"] == 20 + 100 and metrics["teacher_queries_mixtures"] == 100  # pseudo + mixtures
 
 
 def test_summarise_keeps_students_of_runs_made_before_zero_shot(zs_run):
@@ -274,3 +290,95 @@ def test_summarise_keeps_students_of_runs_made_before_zero_shot(zs_run):
         r.pop("transfer_set")
     rows = summarise(results, default_transfer="train split")
     assert rows[0]["transfer"] == "train split, 30 images" and not rows[0]["zero_shot"]
+
+
+# --- teacher-labelled mixtures of the pseudo samples (transfer.mixtures) --------------------------------------
+
+MIXTURES = {"count": 200, "max_shift": 1, "shard_size": 120}
+MIX_STAGES = {"synthesize", "mixtures", "soft_labels/bd", "students/bd-lenet5-fifth-seed0",
+              "students/ce-lenet5-fifth-seed0", "students/standard-kd-lenet5-fifth-seed0"}
+
+
+def mixture_recipe(teacher: Path) -> dict:
+    """Seconds of work: 30 pseudo samples, 200 mixtures of them (2 shards), BD on the samples, both baselines."""
+    raw = zero_shot_recipe(teacher)
+    raw["name"] = "tiny-zs-mix"
+    raw["transfer"]["mixtures"] = dict(MIXTURES)
+    raw["soft_labels"] = {"bd": raw["soft_labels"]["bd"]}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def mix_run(digits_teacher, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zs-mix-recipe")
+    return tmp / "run", run(mixture_recipe(digits_teacher), tmp, tmp / "run")
+
+
+def test_mixtures_are_parsed_with_their_defaults_and_only_with_synthesis(digits_teacher, mix_run):
+    recipe = parse_recipe(mixture_recipe(digits_teacher))
+    assert recipe.transfer.mixtures == {**MIXTURES, "min_brightness": 0.3, "seed": 0}  # MixtureConfig's defaults
+    assert resolved(mix_run[0])["transfer"]["mixtures"] == recipe.transfer.mixtures
+    assert parse_recipe(zero_shot_recipe(digits_teacher)).transfer.mixtures is None  # optional
+    real = {**mixture_recipe(digits_teacher), "transfer": {"split": "train", "mixtures": {"count": 5}}}
+    with pytest.raises(ConfigError, match=r"^transfer\.mixtures: expected mixtures only together with synthesize "
+                                          r"\(they are mixtures of its pseudo samples\), got \{'count': 5\}$"):
+        parse_recipe(real)
+
+
+def test_zero_shot_students_train_on_the_mixtures_and_count_their_queries(mix_run):
+    run_dir, statuses = mix_run
+    assert statuses == dict.fromkeys(MIX_STAGES, "done") and list(statuses)[:2] == ["synthesize", "mixtures"]
+    synthesis = read(run_dir / "synthesize/manifest.json")["total_queries"]
+    mixed = read(run_dir / "mixtures/manifest.json")
+    assert mixed["total_queries"] == mixed["count"] == 200 and sum(mixed["label_counts"]) == 200
+    assert read(run_dir / "mixtures/stage.json")["teacher_queries"]["transfer"] == 200
+    bd = read(run_dir / "soft_labels/bd/manifest.json")["total_queries"]
+    student = read(run_dir / "students/bd-lenet5-fifth-seed0/metrics.json")
+    assert student["teacher_queries_transfer"] == synthesis + bd + 200 and student["teacher_queries_mixtures"] == 200
+    assert student["train_samples"] == 30 + 200 and student["transfer_samples"] == 30
+    ce = read(run_dir / "students/ce-lenet5-fifth-seed0/metrics.json")
+    assert ce["teacher_queries_transfer"] == synthesis + 200 and ce["teacher_queries_mixtures"] == 200
+    assert ce["train_samples"] == 230 and ce["teacher_queries_labels"] == 0
+    assert read(run_dir / "students/ce-lenet5-fifth-seed0/stage.json")["teacher_queries"]["transfer"] == 0
+    kd = read(run_dir / "students/standard-kd-lenet5-fifth-seed0/metrics.json")  # white-box: the pseudo samples only
+    assert kd["train_samples"] == 30 and kd["teacher_queries_transfer"] == synthesis
+    assert "teacher_queries_mixtures" not in kd
+
+
+def test_report_counts_the_mixtures_in_the_total_queries(mix_run, monkeypatch):
+    import matplotlib.axes
+
+    run_dir, _ = mix_run
+    plotted = {}
+    original = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar",
+                        lambda self, x, y, *a, **k: plotted.__setitem__(x, y) or original(self, x, y, *a, **k))
+    text = write_report(run_dir)
+    assert "plus 200 teacher-labelled mixtures of them" in text
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in text.splitlines()
+            if line.startswith("| ") and "lenet5-fifth" in line}
+    synthesis = read(run_dir / "synthesize/manifest.json")["total_queries"]
+    bd_total = synthesis + read(run_dir / "soft_labels/bd/manifest.json")["total_queries"] + 200
+    assert rows["bd"][2] == rows["ce"][2] == "synthesized, 30 pseudo samples + 200 mixtures"
+    assert rows["bd"][6] == f"{bd_total:,}" and rows["ce"][6] == f"{synthesis + 200:,}"
+    assert rows["bd"][7] == f"{bd_total / 230:,.1f}"  # per sample trained on, mixtures included
+    assert set(plotted) == {bd_total, synthesis + 200}
+
+
+def test_editing_mixtures_keeps_the_pseudo_samples_and_editing_synthesis_redoes_the_mixtures(tmp_path, mix_run):
+    shutil.copytree(mix_run[0], tmp_path / "run")
+    run_dir, raw = tmp_path / "run", resolved(mix_run[0])
+    assert set(run(raw, tmp_path, run_dir).values()) == {"skipped"}
+    raw["transfer"]["mixtures"]["count"] = 150
+    statuses = run(raw, tmp_path, run_dir)
+    assert {n for n, s in statuses.items() if s == "done"} == {
+        "mixtures", "students/bd-lenet5-fifth-seed0", "students/ce-lenet5-fifth-seed0"}  # not the samples, nor KD
+    assert read(run_dir / "mixtures/manifest.json")["count"] == 150
+    assert read(run_dir / "students/bd-lenet5-fifth-seed0/metrics.json")["train_samples"] == 30 + 150
+    raw["transfer"]["synthesize"]["rounds"] = 1
+    assert set(run(raw, tmp_path, run_dir).values()) == {"done"}  # new pseudo samples: new mixtures of them
+    assert read(run_dir / "mixtures/stage.json")["inputs"] == {"synthesize": read(run_dir / "synthesize/stage.json")["hash"]}
+    del raw["transfer"]["mixtures"]
+    statuses = run(raw, tmp_path, run_dir)
+    assert "mixtures" not in statuses and statuses["students/standard-kd-lenet5-fifth-seed0"] == "skipped"
+    assert read(run_dir / "students/bd-lenet5-fifth-seed0/metrics.json")["train_samples"] == 30

@@ -386,6 +386,7 @@ class RayExecutor:
         return ray
 
     def run(self, job: ShardJob, shards: list[int], oracle: LabelOracle, log: AttemptLog) -> Iterator[ShardDone]:
+        self._summary = {"name": self.name, "address": self.address}  # one executor may serve several runs
         if not shards:
             return
         ray = self.connect()

@@ -22,6 +22,9 @@ class KDLoss:
     Paper defaults (DB3KD, Wang 2021, and its reference code): T = 20, both weights 1, no T^2 scaling, and
     the KL term summed over the batch (`reduction="sum"`) while CE is averaged, so the soft targets dominate.
     `reduction="batchmean"` averages the KL term over the batch instead (the textbook form).
+
+    Rows whose soft logits are NaN (images with a hard label only, e.g. teacher-labelled mixtures) get
+    the CE term alone.
     """
 
     temperature: float = 20.0
@@ -40,8 +43,11 @@ class KDLoss:
 
     def __call__(self, student_logits: torch.Tensor, labels: torch.Tensor, soft_logits: torch.Tensor) -> torch.Tensor:
         t = self.temperature
-        kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(soft_logits / t, dim=1),
-                      reduction=self.reduction, log_target=True)
+        soft = torch.isfinite(soft_logits).all(dim=1)
+        kl = F.kl_div(F.log_softmax(student_logits[soft] / t, dim=1), F.log_softmax(soft_logits[soft] / t, dim=1),
+                      reduction="sum", log_target=True)
+        if self.reduction == "batchmean":
+            kl = kl / max(int(soft.sum()), 1)
         if self.t2_scaling:
             kl = kl * t * t
         return self.ce_weight * F.cross_entropy(student_logits, labels) + self.kd_weight * kl

@@ -2,6 +2,7 @@
 
     RUN_DIR/recipe.resolved.yaml                      the recipe with every default and path resolved
     RUN_DIR/synthesize/                               zero-shot: the pseudo samples (db3kd.synthesis.synthesize)
+    RUN_DIR/mixtures/                                 zero-shot, optional: teacher-labelled mixtures of them
     RUN_DIR/soft_labels/<name>/                       a soft-label stage (compute_soft_labels: npz + manifest)
     RUN_DIR/students/<name>-<arch>-seed<k>/           a student distilled on stage <name>'s soft labels
     RUN_DIR/students/<name>-q<Q>-<arch>-seed<k>/      ... on an mbd stage's distances at Q queries per pair
@@ -11,13 +12,23 @@
 
 A zero-shot recipe (`transfer.synthesize`) starts with the synthesize stage; its pseudo samples are then
 the transfer set of every soft-label stage and baseline, and the dataset's training split is never read.
+With `transfer.mixtures`, a mixtures stage then labels mixtures of the pseudo samples (`db3kd.mixtures`, one
+query each, in this process whatever the executor); every distilled student and the `ce` baseline train on
+them too (cross-entropy only, as they have no soft labels), and count their queries. `standard-kd` does not.
 
 Every stage directory holds a `stage.json` with the hash of its resolved config and of its inputs (the
-soft-label stage a student learns from; the synthesize stage a zero-shot stage reads). It says "running"
+soft-label stage a student learns from; the synthesize stage a zero-shot stage reads; the mixtures stage,
+whose hash holds the synthesize stage's). It says "running"
 while the stage works and "done" once its results are complete. A rerun skips a stage whose stage.json is
 "done" with the same hash, resumes one left "running" with the same hash (soft-label and synthesis shards
 survive), and clears and recomputes any other, so editing a recipe recomputes exactly the stages whose
 config or inputs changed.
+
+The recipe's `executor` (local, or Ray) computes the shards of the synthesize and soft-label stages. It is in
+no stage's hash, since the results are equal bit for bit whichever executor made them: switching executor
+recomputes nothing, and a stage left "running" on one executor resumes on the other. A Ray executor is made
+(Ray imported, the teacher read for shipping, the head's address checked) before the first stage runs, and
+only if a synthesize or soft-label stage has work to do; one serves every stage of the run.
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from .recipe import Recipe, is_url, recipe_to_dict
 
 STAGE_FILE = "stage.json"
 SYNTHESIZE = "synthesize"  # the zero-shot synthesis stage's directory
+MIXTURES = "mixtures"  # the zero-shot mixtures stage's directory (transfer.mixtures)
 RESOLVED_RECIPE = "recipe.resolved.yaml"
 
 
@@ -49,7 +61,7 @@ class Stage:
     """One unit of cached work: its directory (relative to the run directory), kind and resolved config."""
 
     name: str  # e.g. "soft_labels/bd", "students/bd-lenet5-half-seed0"
-    kind: str  # synthesize | soft_labels | distill | ce | standard-kd
+    kind: str  # synthesize | mixtures | soft_labels | distill | ce | standard-kd
     config: dict  # everything that determines its results (hashed)
     inputs: list[str] = field(default_factory=list)  # names of the stages it reads
     hash: str = ""  # of config and the inputs' hashes; set by plan_stages
@@ -85,14 +97,21 @@ def teacher_identity(spec: str) -> str:
 
 
 def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
-    """Every stage of `recipe` in run order, with hashes (synthesis and soft labels first, then students, then
-    baselines)."""
+    """Every stage of `recipe` in run order, with hashes (synthesis, mixtures and soft labels first, then
+    students, then baselines)."""
     stages: list[Stage] = []
+    mixtures: list[str] = []  # what students that also train on the mixtures read besides their own inputs
     if recipe.transfer.zero_shot:
         data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": "pseudo"}
         stages.append(Stage(SYNTHESIZE, "synthesize", {**data, "kind": "synthesize",
                                                        "params": recipe.transfer.synthesize}))
         transfer_inputs = [SYNTHESIZE]  # every stage that reads the transfer images depends on them
+        if recipe.transfer.mixtures is not None:
+            # Its own stage, hashed on the synthesize stage's: new mixture parameters never recompute the pseudo
+            # samples, and new pseudo samples always recompute the mixtures.
+            stages.append(Stage(MIXTURES, "mixtures", {**data, "kind": "mixtures", "params": recipe.transfer.mixtures},
+                                [SYNTHESIZE]))
+            mixtures = [MIXTURES]
     else:
         data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": recipe.transfer.split,
                 "transfer_subset": recipe.transfer.subset}
@@ -111,13 +130,16 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
                 for seed in students.seeds:
                     config = {**data, "kind": "distill", "soft_labels": name, "checkpoint": checkpoint, "arch": arch,
                               "seed": seed, "train": train, "loss": loss}
-                    stages.append(Stage(f"students/{tag}-{arch}-seed{seed}", "distill", config, [f"soft_labels/{name}"]))
+                    stages.append(Stage(f"students/{tag}-{arch}-seed{seed}", "distill", config,
+                                        [f"soft_labels/{name}", *mixtures]))  # the soft labels first
     for baseline in recipe.baselines:
         for arch in students.arch:
             for seed in students.seeds:
                 config = {**data, "kind": baseline, "arch": arch, "seed": seed, "train": train,
                           **({"loss": loss} if baseline == "standard-kd" else {})}
-                stages.append(Stage(f"students/{baseline}-{arch}-seed{seed}", baseline, config, list(transfer_inputs)))
+                extra = mixtures if baseline == "ce" else []  # standard-kd: the pseudo samples' logits only
+                stages.append(Stage(f"students/{baseline}-{arch}-seed{seed}", baseline, config,
+                                    [*transfer_inputs, *extra]))
     by_name: dict[str, Stage] = {}
     for stage in stages:
         if stage.name in by_name:  # e.g. a soft-label stage named like a baseline
@@ -174,6 +196,14 @@ class _Context:
         """Teacher queries that made the transfer images: the synthesis's (zero-shot), else none."""
         return int(self.pseudo[2]["total_queries"]) if self.recipe.transfer.zero_shot else 0
 
+    @cached_property
+    def mixtures(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        """The mixtures stage's images (rebuilt from the pseudo samples), labels and manifest."""
+        from .mixtures import read_mixtures
+
+        return read_mixtures(self.run_dir / MIXTURES, self.pseudo[0], source=f"{self.run_dir / SYNTHESIZE}'s",
+                             remake="rerun")
+
     def transfer_description(self) -> dict:
         """What students record about their transfer set (the report's transfer column)."""
         if self.recipe.transfer.zero_shot:
@@ -198,6 +228,17 @@ class _Context:
 
         return open_teacher(self.recipe.teacher, self.api_key)
 
+    @cached_property
+    def executor(self):
+        """Where shards run: None (in this process) or one `RayExecutor`, reused by every stage."""
+        spec = self.recipe.executor
+        if spec.kind == "local":
+            return None
+        from .executors import RayExecutor, TeacherSource
+
+        return RayExecutor(TeacherSource.from_spec(self.recipe.teacher, self.api_key), address=spec.address,
+                           workers=spec.workers, max_retries=spec.max_retries)
+
 
 def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key: str | None = None,
                progress: bool = True) -> list[StageRecord]:
@@ -210,8 +251,11 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
     _write_text(run_dir / RESOLVED_RECIPE, yaml.safe_dump(resolved, sort_keys=False))
     stages = plan_stages(recipe, teacher_identity(recipe.teacher))
     context = _Context(recipe, run_dir, api_key, progress)
-    runners = {"synthesize": _synthesize_stage, "soft_labels": _soft_label_stage, "distill": _distill_stage,
+    runners = {"synthesize": _synthesize_stage, "mixtures": _mixtures_stage, "soft_labels": _soft_label_stage,
+               "distill": _distill_stage,
                "ce": _ce_stage, "standard-kd": _standard_kd_stage}
+    if any(stage.kind in SHARDED and not _is_done(run_dir / stage.name, stage) for stage in stages):
+        context.executor  # noqa: B018 - made now, so a missing Ray or a bad address fails before any query
     records = []
     for i, stage in enumerate(stages, 1):
         out = run_dir / stage.name
@@ -228,8 +272,17 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
         records.append(record)
         print(f"[{i}/{len(stages)}] {stage.name}: {status}" + ("" if status == "skipped" else f" ({record.seconds:.1f} s)"),
               flush=True)
-    write_json(run_dir / "run.json", {"recipe": recipe.name, "stages": [dataclasses.asdict(r) for r in records]})
+    write_json(run_dir / "run.json", {"recipe": recipe.name, "executor": dataclasses.asdict(recipe.executor),
+                                      "stages": [dataclasses.asdict(r) for r in records]})
     return records
+
+
+SHARDED = ("synthesize", "soft_labels")  # the stage kinds whose shards the executor computes
+
+
+def _is_done(out: Path, stage: Stage) -> bool:
+    state = read_stage(out)
+    return state is not None and state.get("hash") == stage.hash and state.get("status") == "done"
 
 
 def _prepare(out: Path, stage: Stage) -> str:
@@ -266,9 +319,38 @@ def _synthesize_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
 
     config = SynthesisConfig(**stage.config["params"])
     with _torch_threads(1 if not ctx.recipe.teacher.lower().endswith((".pt", ".pth")) else None):
-        manifest = synthesize(ctx.oracle, config, out, {"teacher": ctx.recipe.teacher}, progress=ctx.progress)
+        manifest = synthesize(ctx.oracle, config, out, {"teacher": ctx.recipe.teacher}, progress=ctx.progress,
+                              executor=ctx.executor)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0},
             "pseudo_samples": manifest["num_samples"], "synthesis_seconds": manifest["seconds"]}
+
+
+def _mixtures_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    from .mixtures import MixtureConfig, label_mixtures
+
+    config = MixtureConfig(**stage.config["params"])
+    run_info = {"teacher": ctx.recipe.teacher, "pseudo": SYNTHESIZE}
+    with _torch_threads(1 if not ctx.recipe.teacher.lower().endswith((".pt", ".pth")) else None):
+        manifest = label_mixtures(ctx.oracle, ctx.pseudo[0], config, out, run_info, progress=ctx.progress)
+    return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0}, "mixtures": manifest["count"],
+            "mixture_seconds": manifest["seconds"]}
+
+
+def _with_mixtures(ctx: _Context, stage: Stage, images: np.ndarray, labels: np.ndarray, logits: np.ndarray | None,
+                   extra: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The training data (images, labels, soft logits or None) plus the mixtures if `stage` reads them (hard
+    labels only: NaN soft logits, see `with_hard_labels`); their queries are added to `extra`'s."""
+    from .transfer import TransferSet, with_hard_labels
+
+    if MIXTURES not in stage.inputs:
+        return images, labels, logits
+    mixed_x, mixed_y, manifest = ctx.mixtures
+    queries = int(manifest["total_queries"])
+    extra.update(teacher_queries_transfer=extra["teacher_queries_transfer"] + queries,
+                 teacher_queries_mixtures=queries, mixture_samples=len(mixed_y))
+    base = TransferSet(images, labels, np.empty((len(images), 0), np.float32) if logits is None else logits, {})
+    joined = with_hard_labels(base, mixed_x, mixed_y)
+    return joined.images, joined.labels, None if logits is None else joined.logits
 
 
 @contextlib.contextmanager
@@ -303,9 +385,10 @@ def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
         # into soft_labels.npz, since no dataset holds them.
         run_info.update(split="pseudo", pseudo=SYNTHESIZE, pseudo_sha256=ctx.pseudo_digest)
         manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress,
-                                       reference_y=ctx.pseudo[1], store_images=True)
+                                       reference_y=ctx.pseudo[1], store_images=True, executor=ctx.executor)
     else:
-        manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress)
+        manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress,
+                                       executor=ctx.executor)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0},
             "soft_label_seconds": manifest["seconds"]}
 
@@ -329,14 +412,15 @@ def _distill_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
             estimated = data["queries"] > 0
         queries = int(manifest["reference_label_queries"] + spent.sum())
         per_pair = float(spent[estimated].mean()) if estimated.any() else 0.0
-    # Every query behind the student's training data: synthesis (zero-shot), labels and soft labels.
+    # Every query behind the student's training data: synthesis (zero-shot), labels, soft labels and mixtures.
     extra = {"stage": stage.name, "method": stage.label, "estimator": manifest["method"], "checkpoint": checkpoint,
              "soft_labels": stage.inputs[0], "teacher": ctx.recipe.teacher,
              "teacher_queries_transfer": ctx.synthesis_queries() + queries, "teacher_queries_soft_labels": queries,
              **ctx.transfer_description(), "transfer_samples": len(transfer.images), "queries_per_pair": per_pair,
              "soft_label_seconds": manifest["seconds"], "white_box": False}
-    return _train_student(ctx, stage, out, (transfer.images, transfer.labels), extra,
-                          soft_logits=logits, kd=KDLoss(**stage.config["loss"]))
+    images, labels, logits = _with_mixtures(ctx, stage, transfer.images, transfer.labels, logits, extra)
+    return _train_student(ctx, stage, out, (images, labels), extra, soft_logits=logits,
+                          kd=KDLoss(**stage.config["loss"]))
 
 
 def _ce_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
@@ -350,7 +434,8 @@ def _ce_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
              "teacher_queries_transfer": ctx.synthesis_queries() + queries, "teacher_queries_labels": queries,
              **ctx.transfer_description(), "transfer_samples": len(labels), "queries_per_pair": None,
              "white_box": False}
-    return _train_student(ctx, stage, out, (ctx.transfer_x, labels), extra)
+    images, labels, _ = _with_mixtures(ctx, stage, ctx.transfer_x, labels, None, extra)
+    return _train_student(ctx, stage, out, (images, labels), extra)
 
 
 def _standard_kd_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
@@ -361,7 +446,8 @@ def _standard_kd_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     x = ctx.transfer_x
     logits = logits_in_batches(WhiteBoxTeacher.from_file(ctx.recipe.teacher), x)
     labels = logits.argmax(axis=1).astype(np.int64)  # hard labels: the teacher's top-1, as for every student
-    # Zero-shot, its transfer images are the pseudo samples: the label queries that made them are counted.
+    # Zero-shot, its transfer images are the pseudo samples: the label queries that made them are counted. It
+    # never trains on the mixtures (transfer.mixtures), nor counts their queries.
     extra = {"stage": stage.name, "method": "standard-kd", "teacher": ctx.recipe.teacher,
              "teacher_queries_transfer": ctx.synthesis_queries(), "white_box_forward_passes": len(x),
              **ctx.transfer_description(), "transfer_samples": len(x), "queries_per_pair": None, "white_box": True}

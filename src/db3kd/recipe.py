@@ -12,6 +12,8 @@ key or a bad value raises `ConfigError` naming its place, e.g.
     transfer: {split: train, subset: null}   # the transfer images: the first `subset` of the split (null: all)
     # or, zero-shot (ZSDB3KD): pseudo samples synthesized from noise, no real image at all
     # transfer: {synthesize: {per_class: 600, budget_per_sample: 2000, rounds: 8}}
+    #   plus, optionally, teacher-labelled mixtures of the pseudo samples (one query each) for every student:
+    # transfer: {synthesize: {...}, mixtures: {count: 400000, max_shift: 3, min_brightness: 0.3, seed: 0}}
     soft_labels:                             # one cached stage per entry; the entry's name names its students
       sd: {method: sd}
       bd: {method: bd, params: {max_queries: 40}}
@@ -22,6 +24,7 @@ key or a bad value raises `ConfigError` naming its place, e.g.
       train: {epochs: 10, batch_size: 512, lr: 0.001}   # also weight_decay, device
       loss: {temperature: 20, ce_weight: 1, kd_weight: 1, t2_scaling: false, reduction: sum}
     baselines: [ce, standard-kd]
+    executor: {kind: local}                  # or {kind: ray, address: auto, workers: 8, max_retries: 3}
 
 Soft-label entries: `method` (sd, bd, mbd), `params` (the estimator's keyword arguments, see
 `db3kd.robustness`), `seed` (0), `shard_size` (500), `subset` (the first N transfer images, default all),
@@ -34,10 +37,25 @@ place; missing ones take its defaults, filled into the resolved recipe). The run
 `synthesize` stage, and every soft-label stage and baseline works on its pseudo samples; the dataset's
 training split is never read (only its test split, for accuracy and fidelity).
 
+Mixtures (zero-shot only): `transfer.mixtures` holds the keyword arguments of `db3kd.mixtures.MixtureConfig`
+(`count` required; `max_shift`, `min_brightness`, `seed`, `shard_size`), checked and completed the same way.
+A `mixtures` stage then labels `count` random mixtures of the pseudo samples (one teacher query each), and
+every zero-shot student but `standard-kd` also trains on them: cross-entropy on their labels (they have no
+soft labels), their queries counted in the student's. `standard-kd` ignores them (its logits are white-box
+reads on the pseudo samples alone).
+
 Baselines: `ce` trains each student with cross-entropy on the teacher's top-1 labels of the transfer images
-(queries counted; for pseudo samples, the labels the synthesis already asked); `standard-kd` trains on the
-teacher's logits (white-box: needs a teacher file, read through `db3kd.whitebox`; the upper reference, not a
-label-only method).
+(queries counted; for pseudo samples, the labels the synthesis already asked, plus the mixtures if any);
+`standard-kd` trains on the teacher's logits (white-box: needs a teacher file, read through `db3kd.whitebox`;
+the upper reference, not a label-only method; zero-shot, on the pseudo samples only, never the mixtures).
+
+Executor: where the shards of the synthesize and soft-label stages are computed (`db3kd.executors`):
+`kind` local (this process, the default) or ray (each shard a Ray task, one query budget for all), with, for
+ray, `address` (auto, HOST:PORT of the head, local; null: Ray's default), `workers` (null: the cluster's CPUs)
+and `max_retries` (3: further attempts at a shard whose worker died). The options of `db3kd run` (--executor,
+--ray-address, --workers, --max-retries) override it. It is not part of any stage's hash: the results are
+equal whichever executor made them, so switching executor recomputes nothing, and a stage left half done on
+one resumes on the other.
 
 Paths: `teacher` and `dataset.data_dir` are relative to the recipe file; `run_dir` (an output, like
 `--out`) is relative to the working directory.
@@ -57,10 +75,11 @@ from pathlib import Path
 from .errors import ConfigError
 from .losses import KDLoss
 
-__all__ = ["BASELINES", "DatasetSpec", "Recipe", "SoftLabelStageSpec", "StudentsSpec", "TrainSpec",
-           "TransferSpec", "load_recipe", "parse_recipe", "recipe_to_dict", "synthesis_params"]
+__all__ = ["BASELINES", "EXECUTORS", "DatasetSpec", "ExecutorSpec", "Recipe", "SoftLabelStageSpec", "StudentsSpec", "TrainSpec",
+           "TransferSpec", "load_recipe", "mixture_params", "parse_recipe", "recipe_to_dict", "synthesis_params"]
 
 BASELINES = ("ce", "standard-kd")
+EXECUTORS = ("local", "ray")
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.]*$")  # a directory name; no '-', which separates name parts
 
 
@@ -99,14 +118,20 @@ class TransferSpec:
     """The transfer images: the first `subset` images of `split` (all of it if None), or pseudo samples.
 
     `synthesize` (zero-shot) replaces `split` and `subset`: the keyword arguments of
-    `db3kd.synthesis.SynthesisConfig`, completed with its defaults once checked.
+    `db3kd.synthesis.SynthesisConfig`, completed with its defaults once checked. `mixtures` (zero-shot only):
+    those of `db3kd.mixtures.MixtureConfig`, teacher-labelled mixtures of the pseudo samples.
     """
 
     split: str | None = None  # None: 'train', unless synthesize
     subset: int | None = None
     synthesize: dict | None = None
+    mixtures: dict | None = None
 
     def __post_init__(self):
+        if self.mixtures is not None:
+            _expect(self.synthesize is not None, "mixtures",
+                    "mixtures only together with synthesize (they are mixtures of its pseudo samples)", self.mixtures)
+            self.mixtures = mixture_params(self.mixtures, "mixtures")
         if self.synthesize is not None:
             _expect(self.split is None, "split", "no split with synthesize (zero-shot reads no real image)", self.split)
             _expect(self.subset is None, "subset",
@@ -128,22 +153,35 @@ def synthesis_params(params: dict, where: str) -> dict:
 
     The field list is the dataclass's own, so fields the synthesis gains are accepted here unchanged.
     """
-    import json
-
     from .synthesis import SynthesisConfig
 
-    fields = {f.name: f for f in dataclasses.fields(SynthesisConfig)}
+    return _config_params(SynthesisConfig, params, where)
+
+
+def mixture_params(params: dict, where: str) -> dict:
+    """`params` checked by `db3kd.mixtures.MixtureConfig` itself and completed with its defaults (as above)."""
+    from .mixtures import MixtureConfig
+
+    return _config_params(MixtureConfig, params, where, strip="mixtures: ")
+
+
+def _config_params(cls, params: dict, where: str, strip: str = "") -> dict:
+    """`params` as keyword arguments of dataclass `cls`: unknown and missing keys refused with their place,
+    values checked by `cls` itself (its message, less the prefix `strip`), defaults filled in, as YAML data."""
+    import json
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in params:
         if key not in fields:
             raise _FieldError(f"{where}.{key}", f"unknown key; expected one of {', '.join(fields)}")
     missing = [name for name, f in fields.items() if name not in params
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise _FieldError(f"{where}.{missing[0]}", f"missing; SynthesisConfig needs {', '.join(missing)}")
+        raise _FieldError(f"{where}.{missing[0]}", f"missing; {cls.__name__} needs {', '.join(missing)}")
     try:
-        config = SynthesisConfig(**params)
+        config = cls(**params)
     except ConfigError as e:
-        raise _FieldError(where, str(e)) from None
+        raise _FieldError(where, str(e).removeprefix(strip)) from None
     return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples -> lists: safe for yaml.safe_dump
 
 
@@ -220,6 +258,24 @@ class StudentsSpec:
 
 
 @dataclass
+class ExecutorSpec:
+    """Where the shards of the synthesize and soft-label stages run (`db3kd.executors`); never hashed."""
+
+    kind: str = "local"  # local | ray
+    address: str | None = None  # ray: auto, HOST:PORT, local; None: Ray's default
+    workers: int | None = None  # ray: shards at once; None: the cluster's CPUs
+    max_retries: int = 3  # ray: further attempts at a shard whose worker died
+
+    def __post_init__(self):
+        _expect(self.kind in EXECUTORS, "kind", f"one of {', '.join(EXECUTORS)}", self.kind)
+        _expect(self.workers is None or self.workers > 0, "workers", "a positive integer or null", self.workers)
+        _expect(self.max_retries >= 0, "max_retries", "an integer >= 0", self.max_retries)
+        if self.kind == "local":
+            for name in ("address", "workers"):
+                _expect(getattr(self, name) is None, name, "null unless kind is ray", getattr(self, name))
+
+
+@dataclass
 class Recipe:
     """A whole experiment. Paths are resolved: `teacher` and `dataset.data_dir` absolute (URLs kept)."""
 
@@ -231,6 +287,7 @@ class Recipe:
     transfer: TransferSpec = field(default_factory=TransferSpec)
     baselines: list[str] = field(default_factory=list)
     run_dir: str | None = None  # None: runs/<name>
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)  # where shards run; not in any stage's hash
 
     def __post_init__(self):
         _expect(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)), "name",

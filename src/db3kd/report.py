@@ -2,8 +2,8 @@
 
 One row per (method, student architecture), mean ± std over the seeds that finished: the transfer set
 (a split's images, or "synthesized, N pseudo samples" for zero-shot students), test accuracy, fidelity to
-the teacher, the teacher queries behind the student's training data (synthesis + labels + soft labels), per
-transfer sample and per (sample, class) pair, soft-label and training seconds. The plot shows accuracy
+the teacher, the teacher queries behind the student's training data (synthesis + mixtures + labels + soft
+labels), per transfer sample and per (sample, class) pair, soft-label and training seconds. The plot shows accuracy
 against those total queries. Stages the recipe declares but the run has not finished are listed, not guessed.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
-from .pipeline import RESOLVED_RECIPE, SYNTHESIZE, Stage, plan_stages, read_stage
+from .pipeline import MIXTURES, RESOLVED_RECIPE, SYNTHESIZE, Stage, plan_stages, read_stage
 
 WHITE_BOX_NOTE = "white-box (reads logits; upper reference)"
 
@@ -38,8 +38,9 @@ def write_report(run_dir: str | Path) -> str:
              f"students {', '.join(recipe.students.arch)}, seeds {recipe.students.seeds}.", "",
              _table(rows), "",
              "Mean ± std over seeds. Teacher queries: every query behind the student's training data, i.e. the "
-             "synthesis of the pseudo samples (zero-shot), the transfer images' labels and the soft labels "
-             "(reference labels included); per transfer sample: the same over the samples it trained on; "
+             "synthesis of the pseudo samples (zero-shot), the labels of their mixtures (if any; one query each), "
+             "the transfer images' labels and the soft labels (reference labels included); per transfer sample: "
+             "the same over the samples it trained on (mixtures included); "
              "evaluation queries (fidelity) are not counted. `@Q`: a student trained on MBD's distances after Q "
              "queries per pair.", ""]
     if missing:
@@ -63,6 +64,12 @@ def _transfer_sentence(recipe, run_dir: Path) -> str:
                 "teacher queries")
     except (OSError, ValueError, KeyError):
         made = f"{recipe.transfer.synthesize['per_class']} pseudo samples per class to synthesize"
+    if recipe.transfer.mixtures is not None:
+        try:
+            mixed = json.loads((run_dir / MIXTURES / "manifest.json").read_text())["total_queries"]
+        except (OSError, ValueError, KeyError):
+            mixed = recipe.transfer.mixtures["count"]
+        made += f", plus {mixed:,} teacher-labelled mixtures of them (one query each; not for standard-kd)"
     return f"zero-shot: no real training image; {made} as transfer set; the test split for evaluation only"
 
 
@@ -75,7 +82,7 @@ def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[
             missing.append((stage.name, "not run"))
         elif state.get("status") != "done":
             missing.append((stage.name, f"unfinished ({state.get('status')})"))
-        elif stage.kind not in ("soft_labels", "synthesize"):
+        elif stage.kind not in ("soft_labels", "synthesize", "mixtures"):
             try:
                 metrics = json.loads((run_dir / stage.name / "metrics.json").read_text())
             except (OSError, json.JSONDecodeError) as e:
@@ -97,16 +104,16 @@ def summarise(results: list[dict], default_transfer: str = "train split") -> lis
     rows = []
     for (label, arch), runs in sorted(groups.items(), key=lambda g: order[g[1][0]["kind"]]):
         first = runs[0]
-        samples = first.get("transfer_samples")
+        samples, mixtures = first.get("transfer_samples"), first.get("mixture_samples", 0)
         rows.append({
             "label": label, "kind": first["kind"], "arch": arch, "seeds": len(runs),
-            "transfer": _transfer_cell(first.get("transfer_set", default_transfer), samples),
+            "transfer": _transfer_cell(first.get("transfer_set", default_transfer), samples, mixtures),
             "zero_shot": first.get("transfer_set") == "synthesized",
             "queries": first.get("teacher_queries_transfer"),
             "accuracy": _stats([r["test_accuracy"] for r in runs]),
             "fidelity": _stats([r.get("fidelity") for r in runs]),
             "queries_per_sample": None if first.get("white_box") or not samples
-            else first["teacher_queries_transfer"] / samples,
+            else first["teacher_queries_transfer"] / (samples + mixtures),
             "queries_per_pair": first.get("queries_per_pair"),
             "soft_label_seconds": first.get("soft_label_seconds"),
             "train_seconds": _stats([r.get("seconds") for r in runs]),
@@ -114,10 +121,12 @@ def summarise(results: list[dict], default_transfer: str = "train split") -> lis
     return rows
 
 
-def _transfer_cell(kind: str, samples: int | None) -> str:
+def _transfer_cell(kind: str, samples: int | None, mixtures: int = 0) -> str:
     if samples is None:
         return kind
-    return f"synthesized, {samples:,} pseudo samples" if kind == "synthesized" else f"{kind}, {samples:,} images"
+    if kind != "synthesized":
+        return f"{kind}, {samples:,} images"
+    return f"synthesized, {samples:,} pseudo samples" + (f" + {mixtures:,} mixtures" if mixtures else "")
 
 
 def _stats(values: list) -> tuple[float, float] | None:
@@ -151,8 +160,8 @@ def _num(value, digits: int) -> str:
 def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
     """Student accuracy against the teacher queries behind its training data, one colour per architecture.
 
-    Those queries are the synthesis's (zero-shot), the labels' and the soft labels' (`teacher_queries_transfer`),
-    so zero-shot and data-based students sit on one axis. The white-box standard-KD reference, which sends
+    Those queries are the synthesis's and the mixtures' (zero-shot), the labels' and the soft labels'
+    (`teacher_queries_transfer`), so zero-shot and data-based students sit on one axis. The white-box standard-KD reference, which sends
     no label query for its labels, is a horizontal line.
     """
     if not rows:
@@ -189,7 +198,7 @@ def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
         ax.set_xscale("log")
     if any(r["zero_shot"] for r in plotted):
         ax.plot([], [], "o", color="gray", mfc="none", label="hollow: zero-shot (pseudo samples)")
-    ax.set(xlabel="teacher queries behind the training data (synthesis + labels + soft labels)",
+    ax.set(xlabel="teacher queries behind the training data (synthesis + mixtures + labels + soft labels)",
            ylabel="student test accuracy", title="Student accuracy against teacher queries")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -55,3 +55,14 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
     if not (len(images) == len(arrays["labels"]) == len(logits)):
         raise DataError(f"{npz}: expected as many images, labels and logits, got {len(images)}, {len(arrays['labels'])}, {len(logits)}")
     return TransferSet(images=images, labels=arrays["labels"].astype(np.int64), logits=logits, manifest=manifest)
+
+
+def with_hard_labels(transfer: TransferSet, images: np.ndarray, labels: np.ndarray) -> TransferSet:
+    """`transfer` plus `images` that have a teacher label but no soft label (their logits are NaN, so the
+    distillation loss gives them its cross-entropy term only; see `db3kd.losses.KDLoss`)."""
+    if images.shape[1:] != transfer.images.shape[1:] or len(images) != len(labels):
+        raise DataError(f"expected images shaped {transfer.images.shape[1:]} with one label each, got {images.shape} "
+                        f"and {len(labels)} labels")
+    nan = np.full((len(images), transfer.logits.shape[1]), np.nan, dtype=np.float32)
+    return TransferSet(images=np.concatenate([transfer.images, images]), labels=np.concatenate([transfer.labels, labels]),
+                       logits=np.concatenate([transfer.logits, nan]), manifest=transfer.manifest)

@@ -35,11 +35,13 @@ def add_budget_arg(parser: argparse.ArgumentParser) -> None:
                              "summed over every worker of a distributed run")
 
 
-def add_executor_args(parser: argparse.ArgumentParser) -> None:
+def add_executor_args(parser: argparse.ArgumentParser, default: str | None = "local",
+                      default_note: str = "default") -> None:
+    """--executor and the Ray options; `default` None leaves them all None when not given (a recipe decides)."""
     group = parser.add_argument_group("where shards are computed")
-    group.add_argument("--executor", choices=("local", "ray"), default="local",
-                       help="local: in this process (default); ray: each shard a Ray task with its own oracle, on a "
-                            "Ray cluster (needs pip install 'db3kd[ray]')")
+    group.add_argument("--executor", choices=("local", "ray"), default=default,
+                       help=f"local: in this process ({default_note}); ray: each shard a Ray task with its own oracle, "
+                            "on a Ray cluster (needs pip install 'db3kd[ray]')")
     group.add_argument("--ray-address", metavar="auto|HOST:PORT|local",
                        help="the Ray cluster to join: auto (the one started on this machine with `ray start --head`), "
                             "its head's HOST:PORT, or local (a new Ray instance on this machine alone); default: "

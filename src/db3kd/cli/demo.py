@@ -7,7 +7,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run the whole path on the bundled digits data (no downloads)",
                                    description="Train a teacher on scikit-learn's 8x8 digits, then students from "
                                                "the teacher's labels alone (CE-only, DB3KD-BD, and zero-shot "
-                                               "ZSDB3KD-BD on pseudo samples from noise), and print a table.")
+                                               "ZSDB3KD-BD on pseudo samples from noise and teacher-labelled "
+                                               "mixtures of them), and print a table.")
     parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -23,7 +24,8 @@ def run(args) -> int:
     print(f"BD soft labels: median boundary distance {s['bd_median_distance']:.3f}, "
           f"{s['bd_queries_per_pair']:.1f} queries per (sample, class) pair")
     print(f"Zero-shot: {s['pseudo_samples']:,} pseudo samples synthesized from noise ({s['synthesis_queries']:,} teacher "
-          f"queries), BD soft labels on them ({s['zero_shot_soft_label_queries']:,}); no real training image\n")
+          f"queries), BD soft labels on them ({s['zero_shot_soft_label_queries']:,}), {s['mixtures']:,} teacher-labelled "
+          f"mixtures of them ({s['mixture_queries']:,}); no real training image\n")
     print(f"| {'model':<32} | {'arch':<12} | test accuracy | fidelity | teacher queries | seconds |")
     print(f"| {'-' * 32} | {'-' * 12} | ------------- | -------- | --------------- | ------- |")
     for r in s["rows"]:

@@ -12,6 +12,9 @@ def register(subparsers) -> None:
                     "CE(student, c) + KL(softmax(logits/T) || softmax(student/T)); evaluate on the dataset's "
                     "test split each epoch; measure fidelity to the teacher.")
     parser.add_argument("--transfer", required=True, metavar="DIR", help="output directory of `db3kd soft-labels`")
+    parser.add_argument("--mixtures", metavar="DIR",
+                        help="also train on the teacher-labelled mixtures of `db3kd synthesize --mixtures M --out DIR` "
+                             "(cross-entropy on their labels; they have no soft labels)")
     parser.add_argument("--student", required=True, metavar="ARCH", help="student network, e.g. lenet5-half")
     add_data_args(parser)
     parser.add_argument("--temperature", type=float, default=20.0, help="KD temperature T (paper: 20)")
@@ -36,7 +39,8 @@ def run(args) -> int:
     from ..jobs import train_to_dir
     from ..losses import KDLoss
     from ..training import TrainConfig
-    from ..transfer import load_transfer_set
+    from ..mixtures import load_mixtures
+    from ..transfer import load_transfer_set, with_hard_labels
 
     kd = KDLoss(temperature=args.temperature, ce_weight=args.ce_weight, kd_weight=args.kd_weight,
                 t2_scaling=args.t2_scaling, reduction=args.kd_reduction)
@@ -47,6 +51,10 @@ def run(args) -> int:
     oracle = open_teacher(teacher, args.api_key) if teacher and not args.no_fidelity else None
     extra = {"transfer": str(args.transfer), "method": transfer.manifest.get("method"),
              "teacher": teacher, "teacher_queries_transfer": transfer.manifest.get("total_queries")}
+    if args.mixtures:
+        images, labels, mixed = load_mixtures(args.mixtures)
+        transfer = with_hard_labels(transfer, images, labels)
+        extra.update(mixtures=str(args.mixtures), teacher_queries_mixtures=mixed["total_queries"])
     metrics = train_to_dir(args.out, args.student, dataset_info(args.dataset), (transfer.images, transfer.labels), test,
                            config, oracle=oracle, soft_logits=transfer.logits, kd=kd, extra_metrics=extra)
     fidelity = f", fidelity {metrics['fidelity']:.4f}" if "fidelity" in metrics else ""

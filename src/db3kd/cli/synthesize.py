@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .common import add_budget_arg, add_executor_args, add_teacher_args, make_executor, open_teacher
 
 
@@ -26,6 +28,13 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=500, metavar="M", help="samples per shard (default 500)")
     parser.add_argument("--out", required=True, help="run directory (resumed if it exists)")
+    group = parser.add_argument_group("teacher-labelled mixtures (extra transfer data, one query each)")
+    group.add_argument("--mixtures", type=int, default=0, metavar="M",
+                       help="after the pseudo samples, label M random mixtures of them (blend of two, shifted, "
+                            "dimmed) into OUT/mixtures; `db3kd distill --mixtures OUT` trains on them (default 0)")
+    group.add_argument("--mixture-max-shift", type=int, default=3, metavar="PX", help="largest shift (default 3)")
+    group.add_argument("--mixture-min-brightness", type=float, default=0.3, metavar="B",
+                       help="smallest dimming factor in (0, 1] (default 0.3)")
     add_executor_args(parser)
     parser.set_defaults(run=run)
 
@@ -33,8 +42,11 @@ def register(subparsers) -> None:
 def run(args) -> int:
     import torch
 
-    from ..synthesis import SynthesisConfig, synthesize
+    from ..mixtures import MixtureConfig, label_mixtures
+    from ..synthesis import SynthesisConfig, load_pseudo_samples, synthesize
 
+    mixtures = None if args.mixtures == 0 else MixtureConfig(
+        count=args.mixtures, max_shift=args.mixture_max_shift, min_brightness=args.mixture_min_brightness, seed=args.seed)
     config = SynthesisConfig(per_class=args.per_class, budget_per_sample=args.budget_per_sample, rounds=args.rounds,
                              step=args.step, max_draws=args.max_draws, seed=args.seed, shard_size=args.shard_size)
     executor = make_executor(args)  # before any query: a missing Ray or a bad option costs nothing
@@ -46,6 +58,9 @@ def run(args) -> int:
         torch.set_num_threads(1)
     try:
         manifest = synthesize(oracle, config, args.out, {"teacher": args.teacher}, executor=executor)
+        if mixtures is not None:
+            mixed = label_mixtures(oracle, load_pseudo_samples(args.out)[0], mixtures, Path(args.out) / "mixtures",
+                                   {"teacher": args.teacher})
     finally:
         torch.set_num_threads(threads)
     rates = manifest["acceptance_rates"].values()
@@ -55,4 +70,7 @@ def run(args) -> int:
           f"rounds; acceptance rates "
           f"{min(rates):.2%}..{max(rates):.2%}; {manifest['total_queries']} teacher queries "
           f"({manifest['rejection_sampling_queries']} sampling, {manifest['round_queries']} rounds); wrote {args.out}")
+    if mixtures is not None:
+        print(f"{mixed['count']} teacher-labelled mixtures ({mixed['total_queries']} queries), labels per class "
+              f"{mixed['label_counts']}; wrote {Path(args.out) / 'mixtures'}")
     return 0

@@ -1,0 +1,168 @@
+"""Teacher-labelled mixtures of pseudo samples: cheap extra transfer data for zero-shot distillation.
+
+Pseudo samples (`db3kd.synthesis`) are few and sit deep inside their class regions; a student trained on
+them alone learns little about where the teacher's boundaries run between them. A mixture blends two
+random pseudo samples (weight w ~ U(0, 1)), shifts the blend by up to `max_shift` pixels (the border filled
+with the lower bound) and dims it by a factor b ~ U(min_brightness, 1) toward the lower bound; the teacher
+labels it, one query each. They teach the student the teacher's decisions between and around the pseudo
+samples for one query per image, a small fraction of a pseudo sample's cost (see benchmarks/zero_shot.py).
+
+Only each mixture's recipe (which samples, w, shift, b) and label are stored, not its image: `mixture_images`
+rebuilds the images exactly (the same float32 arithmetic the teacher's images came from), so a million
+mixtures take a few dozen MB on disk. Work is done in seeded shards, resumable like the other long jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import __version__
+from .errors import ConfigError, DataError
+from .jobs import write_json
+from .oracle import LabelOracle
+from .shards import ShardStore, save_npz_atomic
+
+RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")
+
+
+@dataclass
+class MixtureConfig:
+    """What determines a set of mixtures (its shards are refused if any of this changes).
+
+    Args:
+        count: mixtures to label (one teacher query each).
+        max_shift: largest shift in pixels, each axis (0: no shift).
+        min_brightness: smallest dimming factor b in (0, 1]; 1: no dimming.
+        seed: seeds the draws (shard s draws from seed [seed, s]).
+        shard_size: mixtures per shard.
+    """
+
+    count: int
+    max_shift: int = 3
+    min_brightness: float = 0.3
+    seed: int = 0
+    shard_size: int = 50_000
+
+    def __post_init__(self):
+        for name, low in (("count", 1), ("max_shift", 0), ("shard_size", 1), ("seed", None)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (low is not None and value < low):
+                raise ConfigError(f"mixtures: {name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
+        b = self.min_brightness
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
+            raise ConfigError(f"mixtures: min_brightness must be a number in (0, 1], got {b!r}")
+
+
+def draw_recipes(rng: np.random.Generator, n: int, num_samples: int, config: MixtureConfig) -> dict[str, np.ndarray]:
+    """`n` random mixture recipes over `num_samples` pseudo samples (arrays keyed by RECIPE_KEYS)."""
+    s = config.max_shift
+    return dict(first=rng.integers(0, num_samples, n), second=rng.integers(0, num_samples, n),
+                weight=rng.random(n, dtype=np.float32),
+                dy=rng.integers(-s, s + 1, n).astype(np.int8), dx=rng.integers(-s, s + 1, n).astype(np.int8),
+                brightness=rng.uniform(config.min_brightness, 1.0, n).astype(np.float32))
+
+
+def mixture_images(x: np.ndarray, recipes: dict[str, np.ndarray], bounds: tuple[float, float]) -> np.ndarray:
+    """(n, C, H, W) float32 images of the mixtures `recipes` of pseudo samples `x`."""
+    lo = np.float32(bounds[0])
+    w = recipes["weight"][:, None, None, None]
+    blend = w * x[recipes["first"]] + (1 - w) * x[recipes["second"]]
+    n, c, h, width = blend.shape
+    s = int(max(np.abs(recipes["dy"]).max(initial=0), np.abs(recipes["dx"]).max(initial=0)))
+    padded = np.pad(blend, ((0, 0), (0, 0), (s, s), (s, s)), constant_values=lo)
+    # Pixel (i, j) of the shifted image is pixel (i - dy, j - dx) of the blend: one gather for the batch.
+    rows = np.arange(h)[None, :] + s - recipes["dy"].astype(np.int64)[:, None]  # (n, H)
+    cols = np.arange(width)[None, :] + s - recipes["dx"].astype(np.int64)[:, None]  # (n, W)
+    shifted = padded[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None],
+                     rows[:, None, :, None], cols[:, None, None, :]]
+    return (lo + recipes["brightness"][:, None, None, None] * (shifted - lo)).astype(np.float32)
+
+
+def label_mixtures(oracle: LabelOracle, pseudo_x: np.ndarray, config: MixtureConfig, out_dir: str | os.PathLike,
+                   run_info: dict, progress: bool = True, batch: int = 5000) -> dict:
+    """Draw and label `config.count` mixtures of `pseudo_x` into `out_dir`, resuming finished shards.
+
+    Writes `mixtures.npz` (the recipe arrays, `labels` (count,)) and `manifest.json` (queries, label
+    counts per class); returns the manifest. `run_info` goes into the fingerprint and the manifest; the
+    pseudo samples enter the fingerprint by their hash, so other samples are never mixed with these shards.
+    """
+    out = Path(out_dir)
+    fingerprint = {**run_info, **asdict(config), "pseudo_samples_sha256": _sha256(pseudo_x),
+                   "bounds": list(oracle.bounds)}
+    store = ShardStore(out, fingerprint)
+    starts = range(0, config.count, config.shard_size)
+    todo = [s for s in range(len(starts)) if not store.done(s)]
+    bar = tqdm(total=config.count, unit="img", desc="mixtures", disable=not progress,
+               mininterval=1 if sys.stderr.isatty() else 30)
+    bar.update(config.count - sum(min(config.shard_size, config.count - starts[s]) for s in todo))
+    for s in todo:
+        n = min(config.shard_size, config.count - starts[s])
+        started = time.perf_counter()
+        recipes = draw_recipes(np.random.default_rng([config.seed, s]), n, len(pseudo_x), config)
+        labels = np.empty(n, dtype=np.int64)
+        for i in range(0, n, batch):  # chunked: a shard's images never sit in memory all at once
+            part = {k: v[i:i + batch] for k, v in recipes.items()}
+            labels[i:i + batch] = oracle.labels(mixture_images(pseudo_x, part, oracle.bounds))
+            bar.update(len(labels[i:i + batch]))
+        store.write(s, **recipes, labels=labels, shard_seconds=np.array([time.perf_counter() - started]))
+        bar.set_postfix(queries_per_s=f"{n / max(time.perf_counter() - started, 1e-9):,.0f}")
+    bar.close()
+    merged = store.merge(range(len(starts)))
+    save_npz_atomic(out / "mixtures.npz", **{k: merged[k] for k in (*RECIPE_KEYS, "labels")})
+    manifest = {**run_info, "params": asdict(config), "count": config.count, "total_queries": config.count,
+                "label_counts": np.bincount(merged["labels"], minlength=oracle.num_classes).tolist(),
+                "seconds": float(merged["shard_seconds"].sum()), "version": __version__}
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def load_mixtures(synthesis_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Images (rebuilt), labels and manifest of the mixtures of a `db3kd synthesize --mixtures N` directory."""
+    from .synthesis import load_pseudo_samples
+
+    directory = Path(synthesis_dir) / "mixtures"
+    for path in (directory / "mixtures.npz", directory / "manifest.json"):
+        if not path.is_file():
+            raise DataError(f"{path} not found: run `db3kd synthesize --mixtures N --out {synthesis_dir}` first")
+    pseudo_x, _, _ = load_pseudo_samples(synthesis_dir)
+    return read_mixtures(directory, pseudo_x, source=f"{synthesis_dir}'s",
+                         remake="rerun `db3kd synthesize --mixtures N`")
+
+
+def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: str = "the pseudo samples given",
+                  remake: str = "label them again") -> tuple[np.ndarray, np.ndarray, dict]:
+    """Images (rebuilt from `pseudo_x`), labels and manifest of the mixtures `label_mixtures` wrote to `directory`.
+
+    Refused (DataError) if they were made from other pseudo samples; `source` names `pseudo_x` and `remake`
+    says how to make them again, in that message.
+    """
+    directory = Path(directory)
+    npz, manifest_path = directory / "mixtures.npz", directory / "manifest.json"
+    for path in (npz, manifest_path):
+        if not path.is_file():
+            raise DataError(f"{path} not found: expected the output directory of `label_mixtures`")
+    fingerprint = json.loads((directory / "fingerprint.json").read_text())
+    if fingerprint.get("pseudo_samples_sha256") != _sha256(pseudo_x):
+        raise DataError(f"the mixtures in {directory} were made from other pseudo samples than {source}; "
+                        f"delete that directory and {remake}")
+    with np.load(npz, allow_pickle=False) as data:
+        recipes = {k: data[k] for k in RECIPE_KEYS}
+        labels = data["labels"].astype(np.int64)
+    images = np.empty((len(labels), *pseudo_x.shape[1:]), dtype=np.float32)
+    for i in range(0, len(labels), 10_000):  # chunked: no second full-size copy
+        images[i:i + 10_000] = mixture_images(pseudo_x, {k: v[i:i + 10_000] for k, v in recipes.items()},
+                                              tuple(fingerprint["bounds"]))
+    return images, labels, json.loads(manifest_path.read_text())
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()

@@ -1,0 +1,137 @@
+"""Teacher-labelled mixtures: images rebuilt exactly from their recipes, one query each, resumable, refused
+when mixed with other pseudo samples; the distillation loss gives them cross-entropy only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from db3kd import open_oracle
+from db3kd.errors import BudgetExceededError, ConfigError, DataError
+from db3kd.losses import KDLoss
+from db3kd.mixtures import MixtureConfig, draw_recipes, label_mixtures, load_mixtures, mixture_images
+from db3kd.shards import save_npz_atomic
+from db3kd.transfer import TransferSet, with_hard_labels
+
+
+def recipe(**values):
+    base = dict(first=[0], second=[1], weight=[1.0], dy=[0], dx=[0], brightness=[1.0])
+    base.update(values)
+    dtypes = dict(first=np.int64, second=np.int64, weight=np.float32, dy=np.int8, dx=np.int8, brightness=np.float32)
+    return {k: np.asarray(v, dtype=dtypes[k]) for k, v in base.items()}
+
+
+def test_images_blend_shift_and_dim_as_their_recipe_says():
+    x = np.zeros((2, 1, 5, 5), dtype=np.float32)
+    x[0, 0, 2, 2] = 1.0
+    x[1] += 0.5
+    out = mixture_images(x, recipe(weight=[0.25]), (0.0, 1.0))
+    np.testing.assert_allclose(out[0, 0, 2, 2], 0.25 + 0.75 * 0.5)
+    np.testing.assert_allclose(out[0, 0, 0, 0], 0.375)
+    moved = mixture_images(x, recipe(dy=[1], dx=[-2], brightness=[0.5]), (0.0, 1.0))[0, 0]
+    assert moved[3, 0] == 0.5 and moved.sum() == 0.5  # pixel (2, 2) went to (3, 0), dimmed by half
+    # The border the shift uncovers holds the lower bound, and dimming goes toward it.
+    filled = mixture_images(x + 1, recipe(second=[0], dx=[2], brightness=[0.5]), (1.0, 2.0))[0, 0]
+    np.testing.assert_array_equal(filled[:, :2], 1.0)
+    assert filled[2, 4] == 1.5
+
+
+def test_recipes_stay_within_their_ranges():
+    config = MixtureConfig(count=1000, max_shift=2, min_brightness=0.4)
+    r = draw_recipes(np.random.default_rng(0), 1000, 7, config)
+    assert r["first"].max() == 6 and r["second"].min() == 0
+    assert np.abs(r["dy"]).max() == 2 and np.abs(r["dx"]).max() == 2
+    assert 0.4 <= r["brightness"].min() and r["brightness"].max() <= 1
+    assert 0 <= r["weight"].min() and r["weight"].max() <= 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(count=0), "count must be an integer >= 1"),
+    (dict(count=5, max_shift=-1), "max_shift must be an integer >= 0"),
+    (dict(count=5, min_brightness=0), r"min_brightness must be a number in \(0, 1\]"),
+    (dict(count=5, shard_size=1.5), "shard_size must be an integer"),
+])
+def test_bad_config_is_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MixtureConfig(**kwargs)
+
+
+@pytest.fixture
+def synthesis_dir(tmp_path):
+    """A stand-in `db3kd synthesize` output: 20 images of the digits shape (the mixtures only need images)."""
+    rng = np.random.default_rng(0)
+    images = rng.random((20, 1, 8, 8), dtype=np.float32)
+    save_npz_atomic(tmp_path / "pseudo_samples.npz", images=images, labels=np.arange(20) % 10)
+    (tmp_path / "manifest.json").write_text("{}")
+    return tmp_path, images
+
+
+def test_each_mixture_costs_one_query_and_its_label_is_the_teachers(digits_teacher, synthesis_dir):
+    out, x = synthesis_dir
+    oracle = open_oracle(digits_teacher)
+    manifest = label_mixtures(oracle, x, MixtureConfig(count=700, shard_size=300), out / "mixtures", {"t": 1}, progress=False)
+    assert oracle.queries == manifest["total_queries"] == 700
+    images, labels, _ = load_mixtures(out)
+    assert images.shape == (700, 1, 8, 8) and images.dtype == np.float32
+    # The rebuilt images are the ones the teacher saw: it gives them the stored labels.
+    np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
+    assert sum(manifest["label_counts"]) == 700 and len(np.unique(labels)) > 3
+
+
+def test_an_interrupted_run_resumes_to_the_same_mixtures(digits_teacher, synthesis_dir, tmp_path):
+    out, x = synthesis_dir
+    config = MixtureConfig(count=700, shard_size=300, seed=3)
+    label_mixtures(open_oracle(digits_teacher), x, config, out / "mixtures", {}, progress=False)
+    stopped = open_oracle(digits_teacher, budget=450)  # the second shard cannot finish
+    with pytest.raises(BudgetExceededError):
+        label_mixtures(stopped, x, config, tmp_path / "resumed", {}, progress=False)
+    assert (tmp_path / "resumed" / "shards" / "00000.npz").exists()
+    resumed = open_oracle(digits_teacher)
+    label_mixtures(resumed, x, config, tmp_path / "resumed", {}, progress=False)
+    assert resumed.queries == 400  # only the two unfinished shards (300 + 100)
+    with np.load(out / "mixtures" / "mixtures.npz") as a, np.load(tmp_path / "resumed" / "mixtures.npz") as b:
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_other_parameters_or_other_pseudo_samples_are_refused(digits_teacher, synthesis_dir):
+    out, x = synthesis_dir
+    oracle = open_oracle(digits_teacher)
+    label_mixtures(oracle, x, MixtureConfig(count=50), out / "mixtures", {}, progress=False)
+    with pytest.raises(ConfigError, match="min_brightness: was 0.3, now 0.5"):
+        label_mixtures(oracle, x, MixtureConfig(count=50, min_brightness=0.5), out / "mixtures", {}, progress=False)
+    save_npz_atomic(out / "pseudo_samples.npz", images=x[::-1].copy(), labels=np.arange(20) % 10)
+    with pytest.raises(DataError, match="made from other pseudo samples"):
+        load_mixtures(out)
+
+
+def test_missing_mixtures_say_which_command_makes_them(synthesis_dir):
+    out, _ = synthesis_dir
+    with pytest.raises(DataError, match="db3kd synthesize --mixtures N"):
+        load_mixtures(out)
+
+
+def test_rows_without_soft_labels_get_cross_entropy_only():
+    torch.manual_seed(0)
+    student, soft = torch.randn(6, 10), torch.randn(6, 10)
+    labels = torch.arange(6)
+    soft[4:] = float("nan")
+    for reduction in ("sum", "batchmean"):
+        kd = KDLoss(reduction=reduction)
+        expected = kd(student[:4], labels[:4], soft[:4]) - F.cross_entropy(student[:4], labels[:4]) \
+            + F.cross_entropy(student, labels)
+        torch.testing.assert_close(kd(student, labels, soft), expected)
+    only_hard = KDLoss()(student[4:], labels[4:], soft[4:])
+    torch.testing.assert_close(only_hard, F.cross_entropy(student[4:], labels[4:]))
+
+
+def test_hard_labelled_images_join_a_transfer_set_with_nan_logits():
+    base = TransferSet(images=np.zeros((3, 1, 8, 8), np.float32), labels=np.arange(3), logits=np.ones((3, 10), np.float32),
+                       manifest={"method": "bd"})
+    joined = with_hard_labels(base, np.ones((2, 1, 8, 8), np.float32), np.array([7, 8]))
+    assert joined.images.shape == (5, 1, 8, 8) and joined.labels.tolist() == [0, 1, 2, 7, 8]
+    assert np.isfinite(joined.logits[:3]).all() and np.isnan(joined.logits[3:]).all()
+    with pytest.raises(DataError, match="expected images shaped"):
+        with_hard_labels(base, np.ones((2, 1, 28, 28), np.float32), np.array([7, 8]))
