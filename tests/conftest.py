@@ -39,3 +39,15 @@ def digits_teacher(tmp_path_factory) -> Path:
     train_classifier(model, digits.x_train, digits.y_train, TrainConfig(epochs=8, batch_size=64, lr=3e-3), progress=False)
     save_checkpoint(out / "model.pt", model, spec)
     return export_onnx(model, spec, out / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """As `db3kd synthesize` does for non-torch teachers: synthesis and BD spend their time in ONNX Runtime,
+    and torch's spinning OpenMP threads would only slow it (modules opt in with `pytestmark`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

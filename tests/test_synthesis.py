@@ -19,15 +19,7 @@ from db3kd.synthesis import SynthesisConfig, rejection_sample, synthesize
 SMALL = dict(per_class=2, budget_per_sample=300, rounds=2, shard_size=10, draw_batch=200, seed=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """As `db3kd synthesize` does for non-torch teachers: torch's spinning threads would slow ONNX Runtime."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load(path):

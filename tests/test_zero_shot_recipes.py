@@ -57,15 +57,7 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Synthesis and BD spend their time in ONNX Runtime; torch's spinning threads would only slow it here."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
