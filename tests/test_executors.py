@@ -335,6 +335,21 @@ def test_synthesis_on_ray_equals_the_local_executors(ray_instance, digits_teache
     assert driver.queries == on_ray["queries_sent"]
 
 
+def test_mixtures_on_ray_equal_the_local_executors(ray_instance, digits_teacher, tmp_path):
+    from db3kd.mixtures import MixtureConfig, label_mixtures
+
+    x = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
+    config = MixtureConfig(count=500, shard_size=200, max_shift=1)
+    local = label_mixtures(open_oracle(digits_teacher), x, config, tmp_path / "local", {}, progress=False)
+    driver = open_oracle(digits_teacher)
+    on_ray = label_mixtures(driver, x, config, tmp_path / "ray", {}, progress=False,
+                            executor=RayExecutor(digits_teacher, workers=2))
+    assert_same_arrays(tmp_path / "local" / "mixtures.npz", tmp_path / "ray" / "mixtures.npz")
+    assert on_ray["shard_queries"] == local["shard_queries"] == [200, 200, 100]
+    assert on_ray["total_queries"] == on_ray["queries_sent"] == driver.queries == 500
+    assert on_ray["executor"]["name"] == "ray" and local["executor"]["name"] == "local"
+
+
 def test_workers_query_an_http_service_with_the_key(ray_instance, digits_teacher, local_bd, tmp_path):
     from test_http import ServerThread
 

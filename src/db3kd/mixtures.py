@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .errors import ConfigError, DataError
+from .executors import LocalExecutor, ShardDone, query_accounting, run_shards
 from .jobs import write_json
 from .oracle import LabelOracle
 from .shards import ShardStore, save_npz_atomic
@@ -87,40 +88,58 @@ def mixture_images(x: np.ndarray, recipes: dict[str, np.ndarray], bounds: tuple[
     return (lo + recipes["brightness"][:, None, None, None] * (shifted - lo)).astype(np.float32)
 
 
+@dataclass
+class MixtureShard:
+    """Draws and labels one shard's mixtures (a `db3kd.executors.ShardJob`: it may run on a Ray worker)."""
+
+    pseudo_x: np.ndarray
+    config: MixtureConfig
+    batch: int = 5000  # images built and sent at once: a shard's images never sit in memory all at once
+
+    def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        n = min(self.config.shard_size, self.config.count - shard * self.config.shard_size)
+        recipes = draw_recipes(np.random.default_rng([self.config.seed, shard]), n, len(self.pseudo_x), self.config)
+        labels = np.empty(n, dtype=np.int64)
+        for i in range(0, n, self.batch):
+            part = {k: v[i:i + self.batch] for k, v in recipes.items()}
+            labels[i:i + self.batch] = oracle.labels(mixture_images(self.pseudo_x, part, oracle.bounds))
+        return dict(**recipes, labels=labels, shard_seconds=np.array([time.perf_counter() - started]))
+
+
 def label_mixtures(oracle: LabelOracle, pseudo_x: np.ndarray, config: MixtureConfig, out_dir: str | os.PathLike,
-                   run_info: dict, progress: bool = True, batch: int = 5000) -> dict:
+                   run_info: dict, progress: bool = True, executor=None) -> dict:
     """Draw and label `config.count` mixtures of `pseudo_x` into `out_dir`, resuming finished shards.
 
     Writes `mixtures.npz` (the recipe arrays, `labels` (count,)) and `manifest.json` (queries, label
     counts per class); returns the manifest. `run_info` goes into the fingerprint and the manifest; the
     pseudo samples enter the fingerprint by their hash, so other samples are never mixed with these shards.
+    `executor` (`db3kd.executors`) computes the shards, here by default or on Ray.
     """
     out = Path(out_dir)
     fingerprint = {**run_info, **asdict(config), "pseudo_samples_sha256": _sha256(pseudo_x),
                    "bounds": list(oracle.bounds)}
     store = ShardStore(out, fingerprint)
-    starts = range(0, config.count, config.shard_size)
-    todo = [s for s in range(len(starts)) if not store.done(s)]
+    shards = range(-(-config.count // config.shard_size))
+    todo = [s for s in shards if not store.done(s)]
     bar = tqdm(total=config.count, unit="img", desc="mixtures", disable=not progress,
                mininterval=1 if sys.stderr.isatty() else 30)
-    bar.update(config.count - sum(min(config.shard_size, config.count - starts[s]) for s in todo))
-    for s in todo:
-        n = min(config.shard_size, config.count - starts[s])
-        started = time.perf_counter()
-        recipes = draw_recipes(np.random.default_rng([config.seed, s]), n, len(pseudo_x), config)
-        labels = np.empty(n, dtype=np.int64)
-        for i in range(0, n, batch):  # chunked: a shard's images never sit in memory all at once
-            part = {k: v[i:i + batch] for k, v in recipes.items()}
-            labels[i:i + batch] = oracle.labels(mixture_images(pseudo_x, part, oracle.bounds))
-            bar.update(len(labels[i:i + batch]))
-        store.write(s, **recipes, labels=labels, shard_seconds=np.array([time.perf_counter() - started]))
-        bar.set_postfix(queries_per_s=f"{n / max(time.perf_counter() - started, 1e-9):,.0f}")
-    bar.close()
-    merged = store.merge(range(len(starts)))
+    bar.update(config.count - sum(min(config.shard_size, config.count - s * config.shard_size) for s in todo))
+
+    def written(done: ShardDone) -> None:
+        bar.update(len(done.arrays["labels"]))
+        bar.set_postfix(queries_per_s=f"{done.queries / max(done.seconds, 1e-9):,.0f}")
+
+    try:
+        summary = run_shards(executor or LocalExecutor(), MixtureShard(pseudo_x, config), todo, oracle, store, written)
+    finally:
+        bar.close()
+    merged = store.merge(shards)
     save_npz_atomic(out / "mixtures.npz", **{k: merged[k] for k in (*RECIPE_KEYS, "labels")})
     manifest = {**run_info, "params": asdict(config), "count": config.count, "total_queries": config.count,
                 "label_counts": np.bincount(merged["labels"], minlength=oracle.num_classes).tolist(),
-                "seconds": float(merged["shard_seconds"].sum()), "version": __version__}
+                **query_accounting(out, [min(config.shard_size, config.count - s * config.shard_size) for s in shards]),
+                "executor": summary, "seconds": float(merged["shard_seconds"].sum()), "version": __version__}
     write_json(out / "manifest.json", manifest)
     return manifest
 

@@ -13,7 +13,7 @@
 A zero-shot recipe (`transfer.synthesize`) starts with the synthesize stage; its pseudo samples are then
 the transfer set of every soft-label stage and baseline, and the dataset's training split is never read.
 With `transfer.mixtures`, a mixtures stage then labels mixtures of the pseudo samples (`db3kd.mixtures`, one
-query each, in this process whatever the executor); every distilled student and the `ce` baseline train on
+query each, in shards like the other stages); every distilled student and the `ce` baseline train on
 them too (cross-entropy only, as they have no soft labels), and count their queries. `standard-kd` does not.
 
 Every stage directory holds a `stage.json` with the hash of its resolved config and of its inputs (the
@@ -24,7 +24,7 @@ while the stage works and "done" once its results are complete. A rerun skips a 
 survive), and clears and recomputes any other, so editing a recipe recomputes exactly the stages whose
 config or inputs changed.
 
-The recipe's `executor` (local, or Ray) computes the shards of the synthesize and soft-label stages. It is in
+The recipe's `executor` (local, or Ray) computes the shards of the synthesize, mixtures and soft-label stages. It is in
 no stage's hash, since the results are equal bit for bit whichever executor made them: switching executor
 recomputes nothing, and a stage left "running" on one executor resumes on the other. A Ray executor is made
 (Ray imported, the teacher read for shipping, the head's address checked) before the first stage runs, and
@@ -277,7 +277,7 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
     return records
 
 
-SHARDED = ("synthesize", "soft_labels")  # the stage kinds whose shards the executor computes
+SHARDED = ("synthesize", "mixtures", "soft_labels")  # the stage kinds whose shards the executor computes
 
 
 def _is_done(out: Path, stage: Stage) -> bool:
@@ -331,7 +331,8 @@ def _mixtures_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     config = MixtureConfig(**stage.config["params"])
     run_info = {"teacher": ctx.recipe.teacher, "pseudo": SYNTHESIZE}
     with _torch_threads(1 if not ctx.recipe.teacher.lower().endswith((".pt", ".pth")) else None):
-        manifest = label_mixtures(ctx.oracle, ctx.pseudo[0], config, out, run_info, progress=ctx.progress)
+        manifest = label_mixtures(ctx.oracle, ctx.pseudo[0], config, out, run_info, progress=ctx.progress,
+                                  executor=ctx.executor)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0}, "mixtures": manifest["count"],
             "mixture_seconds": manifest["seconds"]}
 

@@ -49,7 +49,7 @@ Baselines: `ce` trains each student with cross-entropy on the teacher's top-1 la
 `standard-kd` trains on the teacher's logits (white-box: needs a teacher file, read through `db3kd.whitebox`;
 the upper reference, not a label-only method; zero-shot, on the pseudo samples only, never the mixtures).
 
-Executor: where the shards of the synthesize and soft-label stages are computed (`db3kd.executors`):
+Executor: where the shards of the synthesize, mixtures and soft-label stages are computed (`db3kd.executors`):
 `kind` local (this process, the default) or ray (each shard a Ray task, one query budget for all), with, for
 ray, `address` (auto, HOST:PORT of the head, local; null: Ray's default), `workers` (null: the cluster's CPUs)
 and `max_retries` (3: further attempts at a shard whose worker died). The options of `db3kd run` (--executor,
@@ -259,7 +259,7 @@ class StudentsSpec:
 
 @dataclass
 class ExecutorSpec:
-    """Where the shards of the synthesize and soft-label stages run (`db3kd.executors`); never hashed."""
+    """Where the shards of the synthesize, mixtures and soft-label stages run (`db3kd.executors`); never hashed."""
 
     kind: str = "local"  # local | ray
     address: str | None = None  # ray: auto, HOST:PORT, local; None: Ray's default

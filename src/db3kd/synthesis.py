@@ -152,11 +152,9 @@ def rejection_sample(oracle: LabelOracle, labels: np.ndarray, config: SynthesisC
             f"class {c} was labelled {hits[c]} times in {draws} noise images, fewer than the {want[c]} needed "
             f"(classes short of samples: {short}); the teacher may never predict it for noise. Raise max_draws "
             f"(--max-draws) or ask for fewer samples per class.")
-    taken = np.zeros(k, dtype=np.int64)
     images = np.empty((len(labels), *oracle.input_shape), dtype=np.float32)
-    for i, c in enumerate(labels):
-        images[i] = pools[c][taken[c]]
-        taken[c] += 1
+    for c in np.flatnonzero(want):  # the k-th sample of class c is its k-th accepted draw
+        images[labels == c] = np.stack(pools[c][:want[c]])
     return images, draws, hits
 
 

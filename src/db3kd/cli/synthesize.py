@@ -60,7 +60,7 @@ def run(args) -> int:
         manifest = synthesize(oracle, config, args.out, {"teacher": args.teacher}, executor=executor)
         if mixtures is not None:
             mixed = label_mixtures(oracle, load_pseudo_samples(args.out)[0], mixtures, Path(args.out) / "mixtures",
-                                   {"teacher": args.teacher})
+                                   {"teacher": args.teacher}, executor=executor)
     finally:
         torch.set_num_threads(threads)
     rates = manifest["acceptance_rates"].values()
