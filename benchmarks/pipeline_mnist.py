@@ -28,12 +28,13 @@ import torch
 
 from db3kd import __version__
 from db3kd.data import load_dataset
-from db3kd.jobs import teacher_labels, train_to_dir, write_json
+from db3kd.io import write_json
+from db3kd.jobs.soft_labels import SoftLabelConfig, compute_soft_labels
+from db3kd.jobs.students import teacher_labels, train_student
 from db3kd.losses import KDLoss
-from db3kd.soft_labels import SoftLabelConfig, compute_soft_labels
-from db3kd.teachers import open_oracle
+from db3kd.oracle import open_oracle
 from db3kd.training import TrainConfig
-from db3kd.transfer import load_transfer_set
+from db3kd.transfer import TransferCost, TransferSet, load_transfer_set
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "../shared/teachers/lenet5_mnist.onnx"  # as the README's commands spell it, run from the project root
@@ -70,19 +71,17 @@ def main() -> None:
     soft_label_wall = time.perf_counter() - started
     transfer = load_transfer_set(args.soft_labels, args.data_dir)
     labels, label_queries = teacher_labels(oracle, data.x_train)
+    top1 = TransferSet(data.x_train, labels, None, TransferCost(labels=label_queries), "train split")
 
     students = {"db3kd-bd": [], "ce": []}
     for seed in args.seeds:
         config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=seed)
         out = run / f"db3kd-bd-{STUDENT}-seed{seed}"
-        metrics = cached_metrics(out) or train_to_dir(
-            out, STUDENT, data.info, (transfer.images, transfer.labels), test, config, oracle=oracle,
-            soft_logits=transfer.logits, kd=KDLoss(), extra_metrics={"teacher_queries_transfer": manifest["total_queries"]})
+        metrics = cached_metrics(out) or train_student(out, STUDENT, data.info, transfer, test, config, kd=KDLoss(),
+                                                       oracle=oracle)
         students["db3kd-bd"].append(metrics)
         out = run / f"ce-{STUDENT}-seed{seed}"
-        metrics = cached_metrics(out) or train_to_dir(
-            out, STUDENT, data.info, (data.x_train, labels), test, config, oracle=oracle,
-            extra_metrics={"teacher_queries_transfer": label_queries})
+        metrics = cached_metrics(out) or train_student(out, STUDENT, data.info, top1, test, config, oracle=oracle)
         students["ce"].append(metrics)
 
     def summary(rows: list[dict]) -> dict:
@@ -90,7 +89,8 @@ def main() -> None:
         return {"test_accuracy_per_seed": acc, "test_accuracy_mean": statistics.mean(acc),
                 "test_accuracy_std": statistics.pstdev(acc), "best_test_accuracy_per_seed": [r["best_test_accuracy"] for r in rows],
                 "fidelity_per_seed": [r["fidelity"] for r in rows], "train_seconds_per_seed": [r["seconds"] for r in rows],
-                "teacher_queries_transfer": rows[0]["teacher_queries_transfer"], "teacher_queries_eval_per_student": rows[0]["teacher_queries_eval"]}
+                "teacher_queries_transfer": rows[0]["teacher_queries"]["total"],
+                "teacher_queries_eval_per_student": rows[0]["teacher_queries"]["evaluation"]}
 
     bd, ce = summary(students["db3kd-bd"]), summary(students["ce"])
     pipeline_minutes = (manifest["seconds"] + statistics.mean(bd["train_seconds_per_seed"])) / 60

@@ -24,7 +24,7 @@ import torch
 
 from db3kd.data import load_split
 from db3kd.robustness import BoundaryDistance, MinimalBoundaryDistance, SampleDistance
-from db3kd.teachers import open_oracle
+from db3kd.oracle import open_oracle
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -119,7 +119,7 @@ def main() -> None:
     }
 
     sd = SampleDistance(k=1)
-    sd_result, seconds = timed(lambda: sd(x, labels, x_train, ref_y, 10))
+    sd_result, seconds = timed(lambda: sd(open_oracle(args.teacher), x, labels, x_train, ref_y))
     asked = np.isfinite(sd_result.distances)
     report["sd"] = {"estimator": repr(sd), "all": summary(sd_result, seconds, asked),
                     "zero_to_one": summary(sd_result, seconds, zero_to_one)}
@@ -142,7 +142,7 @@ def main() -> None:
     print(f"bd done: {report['bd']['zero_to_one']}", flush=True)
 
     # MBD, 0 -> 1 against the reference rows.
-    mbd = MinimalBoundaryDistance(budget=args.mbd_budget, checkpoints=checkpoints)
+    mbd = MinimalBoundaryDistance(queries_per_pair=args.mbd_budget, checkpoints=checkpoints)
     oracle = open_oracle(args.teacher)
     zx, zl = x[: args.per_class], labels[: args.per_class]
     mbd_01, seconds = timed(lambda: mbd(oracle, zx, zl, x_train, ref_y, targets=[1]))
@@ -154,8 +154,8 @@ def main() -> None:
     # The same at 500 queries with other probe seeds: how much of the figure is the draw of probes.
     other_seeds = {}
     for seed in (1, 2):
-        run = MinimalBoundaryDistance(budget=500, checkpoints=(500,), seed=seed)
-        result = run(open_oracle(args.teacher), zx, zl, x_train, ref_y, targets=[1])
+        run = MinimalBoundaryDistance(queries_per_pair=500, checkpoints=(500,))
+        result = run(open_oracle(args.teacher), zx, zl, x_train, ref_y, targets=[1], seed=seed)
         other_seeds[str(seed)] = float(np.median(result.distances[:, 1]))
     report["mbd"]["zero_to_one_median_at_500_other_seeds"] = other_seeds
 

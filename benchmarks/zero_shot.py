@@ -13,7 +13,7 @@ Writes benchmarks/results/zero_shot.json (or zero_shot_quick.json with --quick):
 queries per stage, wall times, peak memory, and the issue's targets (>= 95% test accuracy, pipeline <= 60
 minutes, queries reported; the paper reports ~96.5%).
 
-    python benchmarks/zero_shot.py [--quick] [--per-class 500] [--budget-per-sample 1000] [--rounds 6] [--mixtures 400000]
+    python benchmarks/zero_shot.py [--quick] [--per-class 500] [--queries-per-sample 1000] [--rounds 6] [--mixtures 400000]
 """
 
 from __future__ import annotations
@@ -31,20 +31,21 @@ import torch
 
 from db3kd import __version__
 from db3kd.data import dataset_info, load_split
-from db3kd.jobs import train_to_dir, write_json
+from db3kd.io import write_json
+from db3kd.jobs.mixtures import MixtureConfig, label_mixtures, load_mixtures
+from db3kd.jobs.soft_labels import SoftLabelConfig, compute_soft_labels
+from db3kd.jobs.students import train_student
+from db3kd.jobs.synthesis import SynthesisConfig, load_pseudo_samples, synthesize
 from db3kd.losses import KDLoss
-from db3kd.mixtures import MixtureConfig, label_mixtures, load_mixtures
-from db3kd.soft_labels import SoftLabelConfig, compute_soft_labels
-from db3kd.synthesis import SynthesisConfig, load_pseudo_samples, synthesize
-from db3kd.teachers import open_oracle
+from db3kd.oracle import open_oracle
 from db3kd.training import TrainConfig
-from db3kd.transfer import load_transfer_set, with_hard_labels
+from db3kd.transfer import load_transfer_set
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHER = "../shared/teachers/lenet5_mnist.onnx"  # as the README's commands spell it, run from the project root
 STUDENT = "lenet5-half"
-FULL = dict(per_class=500, budget_per_sample=1000, rounds=6, mixtures=400_000, epochs=6, pseudo_epochs=30)
-QUICK = dict(per_class=100, budget_per_sample=1000, rounds=6, mixtures=50_000, epochs=5, pseudo_epochs=20)
+FULL = dict(per_class=500, queries_per_sample=1000, rounds=6, mixtures=400_000, epochs=6, pseudo_epochs=30)
+QUICK = dict(per_class=100, queries_per_sample=1000, rounds=6, mixtures=50_000, epochs=5, pseudo_epochs=20)
 
 
 def main() -> None:
@@ -52,8 +53,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"a reduced configuration ({QUICK}); explicit options still override it")
     parser.add_argument("--per-class", type=int, default=None, help=f"pseudo samples per class (default {FULL['per_class']})")
-    parser.add_argument("--budget-per-sample", type=int, default=None,
-                        help=f"synthesis queries per sample (default {FULL['budget_per_sample']})")
+    parser.add_argument("--queries-per-sample", type=int, default=None,
+                        help=f"synthesis queries per sample (default {FULL['queries_per_sample']})")
     parser.add_argument("--rounds", type=int, default=None, help=f"boundary-push rounds (default {FULL['rounds']})")
     parser.add_argument("--step", type=float, default=2.0, help="move length as a fraction of the boundary distance")
     parser.add_argument("--mixtures", type=int, default=None, help=f"teacher-labelled mixtures (default {FULL['mixtures']})")
@@ -80,7 +81,7 @@ def main() -> None:
 
     started = time.perf_counter()
     oracle = open_oracle(TEACHER)
-    config = SynthesisConfig(per_class=args.per_class, budget_per_sample=args.budget_per_sample, rounds=args.rounds,
+    config = SynthesisConfig(per_class=args.per_class, queries_per_sample=args.queries_per_sample, rounds=args.rounds,
                              step=args.step, seed=args.seed)
     synth = synthesize(oracle, config, run / "synthesize", {"teacher": TEACHER})
     x, y, _ = load_pseudo_samples(run / "synthesize")
@@ -91,7 +92,7 @@ def main() -> None:
     started = time.perf_counter()
     soft = compute_soft_labels(oracle, x, np.arange(len(x)), SoftLabelConfig(method="bd", seed=args.seed),
                                run / "soft-labels", {"teacher": TEACHER, "pseudo": str(run / "synthesize"), "split": "pseudo"},
-                               reference_y=y, store_images=True)
+                               reference_y=y, store_images=True, synthesis_queries=synth["total_queries"])
     soft_wall = time.perf_counter() - started
 
     transfer = load_transfer_set(run / "soft-labels")
@@ -105,10 +106,11 @@ def main() -> None:
         else:
             train = transfer
             if key == "with_mixtures":
-                train = with_hard_labels(transfer, *load_mixtures(run / "synthesize")[:2])
-            students[key] = train_to_dir(out, STUDENT, dataset_info("mnist"), (train.images, train.labels), test,
-                                         TrainConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed),
-                                         oracle=open_oracle(TEACHER), soft_logits=train.logits, kd=KDLoss())
+                images, labels, manifest = load_mixtures(run / "synthesize")
+                train = transfer.with_mixtures(images, labels, manifest["total_queries"])
+            students[key] = train_student(out, STUDENT, dataset_info("mnist"), train, test,
+                                          TrainConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed),
+                                          kd=KDLoss(), oracle=open_oracle(TEACHER))
         train_wall[key] = round(time.perf_counter() - started, 1)
 
     metrics = students["with_mixtures"]
@@ -129,7 +131,7 @@ def main() -> None:
                                                   "seconds")} for key, m in students.items()},
         "teacher_queries_total": queries,
         "teacher_queries_pseudo_samples_only": synth["total_queries"] + soft["total_queries"],
-        "teacher_queries_eval": metrics.get("teacher_queries_eval"),
+        "teacher_queries_eval": metrics["teacher_queries"]["evaluation"],
         "pipeline_minutes": round(minutes, 1),
         "wall_seconds_this_invocation": {"synthesize_and_mixtures": round(synth_wall, 1), "soft_labels": round(soft_wall, 1),
                                           **{f"student_{k}": v for k, v in train_wall.items()}},

@@ -61,8 +61,8 @@ def test_distill_trains_a_student_on_bd_soft_labels(digits_teacher, tmp_path, ca
     metrics = json.loads((student / "metrics.json").read_text())
     manifest = json.loads((transfer / "manifest.json").read_text())
     assert metrics["train_samples"] == 300 and metrics["method"] == "bd"
-    assert metrics["teacher_queries_transfer"] == manifest["total_queries"]
-    assert metrics["teacher_queries_eval"] == 359  # the digits test split, once
+    assert metrics["teacher_queries"]["total"] == manifest["total_queries"]
+    assert metrics["teacher_queries"]["evaluation"] == 359  # the digits test split, once
     assert metrics["test_accuracy"] > 0.6 and metrics["fidelity"] > 0.6
     assert metrics["loss"] == {"temperature": 20.0, "ce_weight": 1.0, "kd_weight": 1.0, "t2_scaling": False,
                                "reduction": "sum"}
@@ -76,6 +76,11 @@ def test_transfer_set_errors_name_the_problem(tmp_path):
     with pytest.raises(DataError, match="soft_labels.npz not found"):
         load_transfer_set(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "digits", "split": "train"}))
+    np.savez(tmp_path / "soft_labels.npz", indices=np.arange(2), labels=np.zeros(2, np.int64), logits=np.zeros((2, 10)))
+    with pytest.raises(DataError, match="lacks reference_label_queries, estimator_queries"):
+        load_transfer_set(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "digits", "split": "train",
+                                                       "reference_label_queries": 0, "estimator_queries": 0}))
     np.savez(tmp_path / "soft_labels.npz", labels=np.zeros(2, np.int64), logits=np.zeros((2, 10)))
     with pytest.raises(DataError, match="lacks indices"):
         load_transfer_set(tmp_path)

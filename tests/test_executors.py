@@ -4,6 +4,7 @@ shards for a resumed run, and the accounting (attempts.jsonl, manifest) adds up.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,8 +18,10 @@ import pytest
 from db3kd import open_oracle
 from db3kd.cli import main
 from db3kd.errors import BudgetExceededError, ConfigError, ExecutorError, TeacherError
-from db3kd.executors import ATTEMPTS_FILE, AttemptLog, LocalExecutor, RayExecutor, SharedBudget, TeacherSource
+from db3kd.executors import ATTEMPTS_FILE, AttemptLog, LocalExecutor
+from db3kd.executors.ray import RayExecutor, SharedBudget
 from db3kd.oracle import LabelOracle
+from db3kd.teachers import TeacherSpec
 
 BD = ["--method", "bd", "--subset", "40", "--shard-size", "8"]  # 5 shards of 72 pairs
 PAIRS_PER_SHARD = 8 * 9
@@ -169,19 +172,22 @@ def test_ray_options_need_executor_ray(digits_teacher, tmp_path, capsys, extra, 
     assert message in capsys.readouterr().err
 
 
-def test_teacher_source_ships_the_file_and_refuses_what_it_cannot(digits_teacher, tmp_path):
-    source = TeacherSource.from_spec(digits_teacher)
-    assert "payload" not in repr(source) and source.payload == digits_teacher.read_bytes()
+def test_teacher_spec_ships_the_file_and_refuses_what_it_cannot(digits_teacher, tmp_path):
+    spec = TeacherSpec.parse(digits_teacher).shippable()
+    assert "payload" not in repr(spec) and spec.payload == digits_teacher.read_bytes()
+    assert spec.identity() == TeacherSpec.parse(digits_teacher).identity()
+    assert spec.identity() == "sha256:" + hashlib.sha256(digits_teacher.read_bytes()).hexdigest()
     x = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
     expected = open_oracle(digits_teacher).labels(x)
-    np.testing.assert_array_equal(source.open(threads=1).labels(x), expected)
-    checkpoint = TeacherSource.from_spec(digits_teacher.with_name("model.pt"))  # written beside it by the fixture
-    np.testing.assert_array_equal(checkpoint.open().labels(x), expected)
+    elsewhere = TeacherSpec("/nowhere/model.onnx", "onnx", payload=spec.payload)  # a worker without the driver's files
+    np.testing.assert_array_equal(LabelOracle(elsewhere.load(threads=1)).labels(x), expected)
+    checkpoint = TeacherSpec.parse(digits_teacher.with_name("model.pt")).shippable()  # written beside it by the fixture
+    np.testing.assert_array_equal(LabelOracle(checkpoint.load()).labels(x), expected)
     with pytest.raises(TeacherError, match="teacher not found"):
-        TeacherSource.from_spec(tmp_path / "missing.onnx")
+        TeacherSpec.parse(tmp_path / "missing.onnx").shippable()
     with pytest.raises(ConfigError, match="expected a .pt checkpoint, an .onnx file"):
-        TeacherSource.from_spec(tmp_path / "model.h5")
-    assert "secret" not in repr(TeacherSource.from_spec("http://127.0.0.1:1", api_key="secret"))
+        TeacherSpec.parse(tmp_path / "model.h5")
+    assert "secret" not in repr(TeacherSpec.parse("http://127.0.0.1:1", api_key="secret"))
 
 
 # --- on a local Ray instance ---------------------------------------------------------------------------------
@@ -261,7 +267,7 @@ def test_total_budget_holds_across_workers_then_a_local_rerun_resumes(ray_instan
 
 def test_a_killed_workers_shard_is_retried_and_counted_once(ray_instance, digits_teacher, local_bd, tmp_path):
     from db3kd.data import load_split
-    from db3kd.soft_labels import SoftLabelConfig, compute_soft_labels
+    from db3kd.jobs.soft_labels import SoftLabelConfig, compute_soft_labels
 
     x, _ = load_split("digits", "train")
     run = dict(x=x, indices=np.arange(40), config=SoftLabelConfig(method="bd", shard_size=8), out_dir=tmp_path,
@@ -295,7 +301,7 @@ def test_a_killed_workers_shard_is_retried_and_counted_once(ray_instance, digits
 def test_a_shard_failing_every_attempt_stops_the_run_and_keeps_the_others(ray_instance, digits_teacher, local_bd,
                                                                          tmp_path):
     from db3kd.data import load_split
-    from db3kd.soft_labels import SoftLabelConfig, compute_soft_labels
+    from db3kd.jobs.soft_labels import SoftLabelConfig, compute_soft_labels
 
     x, _ = load_split("digits", "train")
     executor = FaultyRay(digits_teacher, workers=2, max_retries=1,
@@ -315,9 +321,9 @@ def test_a_shard_failing_every_attempt_stops_the_run_and_keeps_the_others(ray_in
 def test_synthesis_on_ray_equals_the_local_executors(ray_instance, digits_teacher, tmp_path):
     import torch
 
-    from db3kd.synthesis import SynthesisConfig, synthesize
+    from db3kd.jobs.synthesis import SynthesisConfig, synthesize
 
-    config = dict(per_class=2, budget_per_sample=300, rounds=2, shard_size=10, draw_batch=200, seed=0)
+    config = dict(per_class=2, queries_per_sample=300, rounds=2, shard_size=10, draw_batch=200, seed=0)
     info = {"teacher": str(digits_teacher)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as `db3kd synthesize` does for an ONNX teacher
@@ -336,7 +342,7 @@ def test_synthesis_on_ray_equals_the_local_executors(ray_instance, digits_teache
 
 
 def test_mixtures_on_ray_equal_the_local_executors(ray_instance, digits_teacher, tmp_path):
-    from db3kd.mixtures import MixtureConfig, label_mixtures
+    from db3kd.jobs.mixtures import MixtureConfig, label_mixtures
 
     x = np.random.default_rng(0).random((20, 1, 8, 8), dtype=np.float32)
     config = MixtureConfig(count=500, shard_size=200, max_shift=1)
@@ -402,9 +408,9 @@ def test_a_recipe_run_on_ray_equals_the_local_run(ray_instance, digits_teacher, 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "name": "zs-ray", "dataset": {"name": "digits"}, "teacher": str(digits_teacher),
-        "transfer": {"synthesize": {"per_class": 2, "budget_per_sample": 300, "rounds": 2, "shard_size": 10,
+        "transfer": {"synthesize": {"per_class": 2, "queries_per_sample": 300, "rounds": 2, "shard_size": 10,
                                     "draw_batch": 200}},
-        "soft_labels": {"bd": {"method": "bd", "params": {"max_queries": 10}, "shard_size": 8}},  # 3 shards
+        "soft_labels": {"bd": {"method": "bd", "params": {"queries_per_pair": 10}, "shard_size": 8}},  # 3 shards
         "students": {"arch": ["lenet5-fifth"], "seeds": [0], "train": {"epochs": 1, "batch_size": 16}},
         "baselines": ["ce"]}, sort_keys=False))
     run_recipe(load_recipe(recipe), tmp_path / "local", progress=False)

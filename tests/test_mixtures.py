@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from db3kd import open_oracle
 from db3kd.errors import BudgetExceededError, ConfigError, DataError
 from db3kd.losses import KDLoss
-from db3kd.mixtures import MixtureConfig, draw_recipes, label_mixtures, load_mixtures, mixture_images
-from db3kd.shards import save_npz_atomic
-from db3kd.transfer import TransferSet, with_hard_labels
+from db3kd.jobs.mixtures import MixtureConfig, draw_recipes, label_mixtures, load_mixtures, mixture_images
+from db3kd.io import save_npz
+from db3kd.transfer import TransferCost, TransferSet
 
 
 def recipe(**values):
@@ -63,7 +63,7 @@ def synthesis_dir(tmp_path):
     """A stand-in `db3kd synthesize` output: 20 images of the digits shape (the mixtures only need images)."""
     rng = np.random.default_rng(0)
     images = rng.random((20, 1, 8, 8), dtype=np.float32)
-    save_npz_atomic(tmp_path / "pseudo_samples.npz", images=images, labels=np.arange(20) % 10)
+    save_npz(tmp_path / "pseudo_samples.npz", images=images, labels=np.arange(20) % 10)
     (tmp_path / "manifest.json").write_text("{}")
     return tmp_path, images
 
@@ -102,7 +102,7 @@ def test_other_parameters_or_other_pseudo_samples_are_refused(digits_teacher, sy
     label_mixtures(oracle, x, MixtureConfig(count=50), out / "mixtures", {}, progress=False)
     with pytest.raises(ConfigError, match="min_brightness: was 0.3, now 0.5"):
         label_mixtures(oracle, x, MixtureConfig(count=50, min_brightness=0.5), out / "mixtures", {}, progress=False)
-    save_npz_atomic(out / "pseudo_samples.npz", images=x[::-1].copy(), labels=np.arange(20) % 10)
+    save_npz(out / "pseudo_samples.npz", images=x[::-1].copy(), labels=np.arange(20) % 10)
     with pytest.raises(DataError, match="made from other pseudo samples"):
         load_mixtures(out)
 
@@ -127,11 +127,13 @@ def test_rows_without_soft_labels_get_cross_entropy_only():
     torch.testing.assert_close(only_hard, F.cross_entropy(student[4:], labels[4:]))
 
 
-def test_hard_labelled_images_join_a_transfer_set_with_nan_logits():
-    base = TransferSet(images=np.zeros((3, 1, 8, 8), np.float32), labels=np.arange(3), logits=np.ones((3, 10), np.float32),
-                       manifest={"method": "bd"})
-    joined = with_hard_labels(base, np.ones((2, 1, 8, 8), np.float32), np.array([7, 8]))
+def test_mixtures_join_a_transfer_set_with_nan_logits_and_their_cost():
+    base = TransferSet(np.zeros((3, 1, 8, 8), np.float32), np.arange(3), np.ones((3, 10), np.float32),
+                       TransferCost(labels=3, soft_labels=50), "train split")
+    joined = base.with_mixtures(np.ones((2, 1, 8, 8), np.float32), np.array([7, 8]), queries=2)
     assert joined.images.shape == (5, 1, 8, 8) and joined.labels.tolist() == [0, 1, 2, 7, 8]
     assert np.isfinite(joined.logits[:3]).all() and np.isnan(joined.logits[3:]).all()
+    assert (joined.samples, joined.mixtures) == (3, 2)
+    assert joined.cost == TransferCost(labels=3, soft_labels=50, mixtures=2) and joined.cost.total == 55
     with pytest.raises(DataError, match="expected images shaped"):
-        with_hard_labels(base, np.ones((2, 1, 28, 28), np.float32), np.array([7, 8]))
+        base.with_mixtures(np.ones((2, 1, 28, 28), np.float32), np.array([7, 8]), queries=2)

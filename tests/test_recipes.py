@@ -28,8 +28,8 @@ def tiny_recipe(teacher: Path) -> dict:
         "transfer": {"split": "train", "subset": 120},
         "soft_labels": {
             "sd": {"method": "sd"},
-            "bd": {"method": "bd", "params": {"max_queries": 12}},
-            "mbd": {"method": "mbd", "params": {"budget": 40, "checkpoints": [20, 40], "probes": 8},
+            "bd": {"method": "bd", "params": {"queries_per_pair": 12}},
+            "mbd": {"method": "mbd", "params": {"queries_per_pair": 40, "checkpoints": [20, 40], "probes": 8},
                     "subset": 40, "checkpoint_students": True},
         },
         "students": {"arch": ["lenet5-fifth"], "seeds": [0], "train": {"epochs": 1, "batch_size": 64, "lr": 0.003}},
@@ -137,12 +137,12 @@ def test_editing_epochs_retrains_students_only(tmp_path, copied_run):
 
 def test_editing_soft_label_params_recomputes_that_stage_and_its_students(tmp_path, copied_run):
     raw = tiny_recipe_from(copied_run)
-    raw["soft_labels"]["bd"]["params"]["max_queries"] = 10
+    raw["soft_labels"]["bd"]["params"]["queries_per_pair"] = 10
     statuses = run(raw, tmp_path, copied_run)
     assert {name for name, s in statuses.items() if s == "done"} == {
         "soft_labels/bd", "students/bd-lenet5-fifth-seed0"}
     manifest = json.loads((copied_run / "soft_labels/bd/manifest.json").read_text())
-    assert manifest["params"] == {"max_queries": 10}
+    assert manifest["params"] == {"queries_per_pair": 10}
 
 
 def test_report_lists_missing_stages(tmp_path, copied_run):
@@ -186,13 +186,13 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("students.trian", {}, r"^students\.trian: unknown key; expected one of arch, seeds, train, loss$"),
     ("colour", "red", r"^colour: unknown key; expected one of name, dataset, teacher, students"),
     ("soft_labels.bd.param", {}, r"^soft_labels\.bd\.param: unknown key; expected one of method, params"),
-    ("students.train.epochs", -1, r"^students\.train\.epochs: expected a positive integer, got -1$"),
+    ("students.train.epochs", -1, r"^students\.train\.epochs: must be a positive integer, got -1$"),
     ("students.train.epochs", "ten", r"^students\.train\.epochs: expected int, got 'ten'$"),
     ("students.train.lr", True, r"^students\.train\.lr: expected a number, got True$"),
     ("students.arch", ["lenet6"], r"^students\.arch: expected models from .*lenet5-half.*, got 'lenet6'$"),
     ("students.arch", "lenet5", r"^students\.arch: expected a list, got 'lenet5'$"),
     ("dataset.name", "imagenet", r"^dataset\.name: expected one of mnist, .*digits, got 'imagenet'$"),
-    ("soft_labels.bd.method", "xd", r"^soft_labels\.bd\.method: expected one of sd, bd, mbd, got 'xd'$"),
+    ("soft_labels.bd.method", "xd", r"^soft_labels\.bd\.method: unknown robustness estimator 'xd'; expected one of 'sd', 'bd', 'mbd'$"),
     ("soft_labels.bd.params", {"budget": 5}, r"^soft_labels\.bd\.params: unknown parameter\(s\) 'budget'"),
     ("soft_labels.bd.checkpoint_students", True, r"^soft_labels\.bd\.checkpoint_students: expected false unless"),
     ("soft_labels.Bad-Name", {"method": "sd"}, r"^soft_labels\.Bad-Name: expected a stage name"),
@@ -202,9 +202,9 @@ def _edit(raw: dict, path: str, value) -> dict:
      r"^transfer\.mixtures: expected mixtures only together with synthesize \(they are mixtures of its pseudo samples\)"),
     ("baselines", ["ce", "kd"], r"^baselines: expected names from ce, standard-kd, got 'kd'$"),
     ("teacher", "http://localhost:1", r"^baselines: expected no standard-kd with a teacher behind a URL"),
-    ("students.train.batch_size", 0, r"^students\.train\.batch_size: expected a positive integer, got 0$"),
-    ("students.loss", {"reduction": "mean"}, r"^students\.loss: reduction must be 'sum' or 'batchmean', got 'mean'$"),
-    ("executor", "ray", r"^executor: expected a mapping of ExecutorSpec settings, got 'ray'$"),
+    ("students.train.batch_size", 0, r"^students\.train\.batch_size: must be a positive integer, got 0$"),
+    ("students.loss", {"reduction": "mean"}, r"^students\.loss\.reduction: must be 'sum' or 'batchmean', got 'mean'$"),
+    ("executor", "ray", r"^executor: expected a mapping of ExecutorConfig settings, got .ray.$"),
     ("executor", {"kind": "dask"}, r"^executor\.kind: expected one of local, ray, got 'dask'$"),
     ("executor", {"kind": "ray", "worker": 2},
      r"^executor\.worker: unknown key; expected one of kind, address, workers, max_retries$"),
@@ -251,12 +251,12 @@ def test_shipped_recipes_are_valid(name):
 
 
 def test_executor_is_parsed_with_defaults_and_kept_out_of_stage_hashes(digits_teacher):
-    from db3kd.recipe import ExecutorSpec
+    from db3kd.executors import ExecutorConfig
 
     local = parse_recipe(tiny_recipe(digits_teacher))
-    assert local.executor == ExecutorSpec("local", None, None, 3)
+    assert local.executor == ExecutorConfig("local", None, None, 3)
     ray = parse_recipe({**tiny_recipe(digits_teacher), "executor": {"kind": "ray", "address": "auto", "workers": 2}})
-    assert ray.executor == ExecutorSpec("ray", "auto", 2, 3)
+    assert ray.executor == ExecutorConfig("ray", "auto", 2, 3)
     assert [(s.name, s.hash) for s in plan_stages(ray, "t")] == [(s.name, s.hash) for s in plan_stages(local, "t")]
 
 
@@ -275,7 +275,7 @@ def test_switching_executor_recomputes_nothing_and_needs_no_ray(tmp_path, copied
     assert json.loads((copied_run / "run.json").read_text())["executor"]["kind"] == "ray"
 
     # A soft-label stage with work to do: the missing Ray is found before any stage starts.
-    raw["soft_labels"]["bd"]["params"]["max_queries"] = 10
+    raw["soft_labels"]["bd"]["params"]["queries_per_pair"] = 10
     with pytest.raises(ConfigError, match=r"needs Ray.*pip install 'db3kd\[ray\]'"):
         run(raw, tmp_path, copied_run)
     assert stage_mtimes(copied_run) == before

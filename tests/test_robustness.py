@@ -86,9 +86,9 @@ def check_points(module, result, x, labels, bounds=(0.0, 1.0)):
 # --- SD ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("k", [1, 3], ids=["nearest", "mean-of-3"])
-def test_sd_is_the_mean_distance_to_the_k_nearest_references(data, k):
+def test_sd_is_the_mean_distance_to_the_k_nearest_references(linear, data, k):
     x, labels, ref, ref_y = data
-    result = SampleDistance(k=k)(x, labels, ref, ref_y, CLASSES)
+    result = SampleDistance(k=k)(fresh_oracle(linear), x, labels, ref, ref_y)
     d = np.linalg.norm((x[:, None] - ref[None]).reshape(len(x), len(ref), -1).astype(np.float64), axis=2)
     for i in range(len(x)):
         for t in range(CLASSES):
@@ -102,7 +102,7 @@ def test_sd_is_the_mean_distance_to_the_k_nearest_references(data, k):
 def test_bd_bounds_the_true_distance_from_above_with_honest_points_and_counts(linear, data):
     x, labels, ref, ref_y = data
     oracle = fresh_oracle(linear)
-    bd = BoundaryDistance(max_directions=8, tolerance=0.01, max_queries=40)
+    bd = BoundaryDistance(max_directions=8, tolerance=0.01, queries_per_pair=40)
     result = bd(oracle, x, labels, ref, ref_y, return_points=True)
     truth = half_space_distance(linear, x, labels)
     other = np.arange(CLASSES)[None, :] != labels[:, None]
@@ -169,7 +169,7 @@ def test_bd_rejects_bad_input(linear, data):
 def mbd_run(linear, data):
     x, labels, ref, ref_y = data
     oracle = fresh_oracle(linear)
-    mbd = MinimalBoundaryDistance(budget=600, checkpoints=(100, 300, 600), probes=12,
+    mbd = MinimalBoundaryDistance(queries_per_pair=600, checkpoints=(100, 300, 600), probes=12,
                                   bd=BoundaryDistance(max_directions=8))
     return mbd, oracle, mbd(oracle, x, labels, ref, ref_y, return_points=True)
 
@@ -197,7 +197,7 @@ def test_mbd_checkpoints_budget_and_counts(data, mbd_run):
     at = result.distances_at[:, finite]
     assert (np.diff(at, axis=0) <= 0).all()  # more queries never worsen the estimate
     assert (at[-1] == result.distances[finite]).all()
-    assert result.queries.max() <= mbd.budget
+    assert result.queries.max() <= mbd.queries_per_pair
     assert (oracle.queries_for(np.arange(len(x) * CLASSES)) == result.queries.ravel()).all()
 
 
@@ -214,7 +214,7 @@ def test_mbd_pair_alone_equals_pair_in_batch(linear, data, mbd_run):
 def test_mbd_stops_cleanly_when_the_budget_runs_out(linear, data):
     x, labels, ref, ref_y = data
     oracle = fresh_oracle(linear, budget=300)
-    mbd = MinimalBoundaryDistance(budget=200, checkpoints=(100, 200), subspace=3, probes=8, batch_pairs=4)
+    mbd = MinimalBoundaryDistance(queries_per_pair=200, checkpoints=(100, 200), subspace=3, probes=8, batch_pairs=4)
     result = mbd(oracle, x, labels, ref, ref_y, return_points=True)
     assert result.budget_exhausted and result.queries.sum() == oracle.queries <= 300
     assert np.isinf(result.distances[result.queries == 0]).all()
@@ -230,7 +230,7 @@ def test_mbd_stops_cleanly_when_the_budget_runs_out(linear, data):
 def test_registry_builds_by_name_and_refuses_unknowns():
     assert isinstance(estimator_from_name("bd", max_directions=4), BoundaryDistance)
     assert isinstance(estimator_from_name("sd"), SampleDistance)
-    assert estimator_from_name("mbd", budget=100, checkpoints=(50,)).budget == 100
+    assert estimator_from_name("mbd", queries_per_pair=100, checkpoints=(50,)).queries_per_pair == 100
     with pytest.raises(ConfigError, match="unknown robustness estimator 'hsj'"):
         estimator_from_name("hsj")
     with pytest.raises(ConfigError, match="unknown parameter\\(s\\) 'tol' for estimator 'bd'"):
@@ -239,9 +239,9 @@ def test_registry_builds_by_name_and_refuses_unknowns():
 
 @pytest.mark.parametrize("build,match", [
     (lambda: BoundaryDistance(tolerance=0), "tolerance must be a number in"),
-    (lambda: BoundaryDistance(max_queries=0), "max_queries must be a positive integer"),
+    (lambda: BoundaryDistance(queries_per_pair=0), "queries_per_pair must be a positive integer"),
     (lambda: SampleDistance(k=1.5), "k must be a positive integer"),
-    (lambda: MinimalBoundaryDistance(budget=100, checkpoints=(50, 200)), "checkpoints must be increasing and <= budget"),
+    (lambda: MinimalBoundaryDistance(queries_per_pair=100, checkpoints=(50, 200)), "checkpoints must be increasing and <= queries_per_pair"),
     (lambda: MinimalBoundaryDistance(subspace=0), r"subspace \(a grid side, .pca. or None\) must be a positive integer"),
 ], ids=["zero-tolerance", "zero-queries", "float-k", "checkpoint-over-budget", "zero-subspace"])
 def test_constructors_refuse_bad_hyper_parameters(build, match):
@@ -263,7 +263,7 @@ def test_distances_to_logits_follows_the_paper():
 
 def test_bd_and_mbd_on_lenet5(teacher_onnx, shared_dir):
     from db3kd.data.idx import read
-    from db3kd.teachers import open_oracle
+    from db3kd import open_oracle
 
     images = read(shared_dir / "data" / "mnist" / "train-images-idx3-ubyte.gz")[:2000]
     x_all = (images.astype(np.float32) / 255.0)[:, None]
@@ -276,9 +276,9 @@ def test_bd_and_mbd_on_lenet5(teacher_onnx, shared_dir):
     assert bd.queries.max() <= 40 and bd.queries.sum() == oracle.queries - before
     finite = np.isfinite(bd.distances)
     assert (oracle.labels(bd.points[finite]) == np.nonzero(finite)[1]).all()
-    sd = SampleDistance()(x, labels, x_all, ref_y, 10)
+    sd = SampleDistance()(oracle, x, labels, x_all, ref_y)
     assert (bd.distances[finite] <= sd.distances[finite] + 1e-6).all()  # BD may end at the reference itself
-    mbd = MinimalBoundaryDistance(budget=150, checkpoints=(150,))(oracle, x[:1], labels[:1], x_all, ref_y,
+    mbd = MinimalBoundaryDistance(queries_per_pair=150, checkpoints=(150,))(oracle, x[:1], labels[:1], x_all, ref_y,
                                                                  targets=[(labels[0] + 1) % 10])
     t = (labels[0] + 1) % 10
     assert mbd.distances[0, t] <= bd.distances[0, t]

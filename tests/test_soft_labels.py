@@ -71,7 +71,7 @@ def test_interrupted_run_resumes_without_redoing_shards(digits_teacher, tmp_path
     reference_queries = json.loads((full / "manifest.json").read_text())["reference_label_queries"]
     first_shard_queries = int(np.load(full / "shards" / "00000.npz")["shard_queries"][0])
     budget = reference_queries + first_shard_queries + 10
-    assert soft_labels(digits_teacher, part, *args, "--max-queries", str(budget)) == 2
+    assert soft_labels(digits_teacher, part, *args, "--budget-total", str(budget)) == 2
     assert (part / "shards" / "00000.npz").exists() and not (part / "soft_labels.npz").exists()
     first_shard_mtime = os.stat(part / "shards" / "00000.npz").st_mtime_ns
     assert soft_labels(digits_teacher, part, *args) == 0
@@ -118,7 +118,7 @@ def test_sd_spends_no_estimator_queries(digits_teacher, tmp_path):
 def test_mbd_records_checkpoints_and_improves_on_bd(digits_teacher, tmp_path):
     bd, mbd = tmp_path / "bd", tmp_path / "mbd"
     assert soft_labels(digits_teacher, bd, "--method", "bd", "--subset", "6") == 0
-    assert soft_labels(digits_teacher, mbd, "--method", "mbd", "--subset", "6", "--budget", "200",
+    assert soft_labels(digits_teacher, mbd, "--method", "mbd", "--subset", "6", "--queries-per-pair", "200",
                        "--checkpoints", "100,200") == 0
     r = load(mbd)
     assert r["distances_at"].shape == (2, 6, 10)
@@ -130,7 +130,7 @@ def test_mbd_records_checkpoints_and_improves_on_bd(digits_teacher, tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--method", "sd", "--budget", "10"], "does not apply to --method sd"),
+    (["--method", "sd", "--queries-per-pair", "10"], "does not apply to --method sd"),
     (["--method", "bd", "--checkpoints", "10,20"], "applies to --method mbd only"),
     (["--method", "mbd", "--checkpoints", "10,x"], "expected comma-separated integers"),
     (["--method", "bd", "--subset", "0"], "--subset must be between 1 and"),
@@ -160,7 +160,7 @@ def test_indices_file_selects_samples(digits_teacher, tmp_path):
 
 def test_mbd_budget_without_checkpoints_records_the_budget(digits_teacher, tmp_path):
     out = tmp_path / "mbd"
-    assert soft_labels(digits_teacher, out, "--method", "mbd", "--subset", "3", "--budget", "150") == 0
+    assert soft_labels(digits_teacher, out, "--method", "mbd", "--subset", "3", "--queries-per-pair", "150") == 0
     r = load(out)
     np.testing.assert_array_equal(r["checkpoints"], [150])
     np.testing.assert_array_equal(r["distances_at"][0], r["distances"])

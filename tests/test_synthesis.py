@@ -14,9 +14,9 @@ import pytest
 from db3kd import open_oracle
 from db3kd.cli import main
 from db3kd.errors import BudgetExceededError, ConfigError, DataError
-from db3kd.synthesis import SynthesisConfig, rejection_sample, synthesize
+from db3kd.jobs.synthesis import SynthesisConfig, rejection_sample, synthesize
 
-SMALL = dict(per_class=2, budget_per_sample=300, rounds=2, shard_size=10, draw_batch=200, seed=0)
+SMALL = dict(per_class=2, queries_per_sample=300, rounds=2, shard_size=10, draw_batch=200, seed=0)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,7 +59,7 @@ def test_queries_are_exactly_the_oracles_and_within_the_budget(small_run):
     r = load(out / "pseudo_samples.npz")
     ids = np.arange(len(r["labels"]))
     np.testing.assert_array_equal(r["queries"], oracle.queries_for(ids))
-    assert r["queries"].max() <= SMALL["budget_per_sample"]
+    assert r["queries"].max() <= SMALL["queries_per_sample"]
     assert manifest["total_queries"] == oracle.queries
     assert manifest["total_queries"] == manifest["rejection_sampling_queries"] + manifest["round_queries"]
     assert manifest["round_queries"] == r["queries"].sum()
@@ -103,7 +103,7 @@ def test_a_class_never_hit_raises_instead_of_looping(digits_teacher):
     (dict(per_class=2, rounds=-1), r"rounds must be a positive integer, got -1"),
     (dict(per_class=2, step=0), r"step must be a number in \(0, 4\]"),
     (dict(per_class=2, seed=1.5), r"seed must be an integer, got 1.5"),
-    (dict(per_class=2, budget_per_sample=True), r"budget_per_sample must be a positive integer, got True"),
+    (dict(per_class=2, queries_per_sample=True), r"queries_per_sample must be a positive integer, got True"),
 ], ids=["per-class", "rounds", "step", "seed", "bool-budget"])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -112,7 +112,7 @@ def test_bad_config_is_refused(kwargs, message):
 
 @pytest.mark.parametrize("extra, message", [
     (["--shard-size", "4"], r"shard_size must be at least the number of classes \(10\)"),
-    (["--budget-per-sample", "20"], r"budget_per_sample must be at least 113 for 8 rounds and 10 classes"),
+    (["--queries-per-sample", "20"], r"queries_per_sample must be at least 113 for 8 rounds and 10 classes"),
 ], ids=["shard-size", "budget"])
 def test_bad_arguments_fail_before_any_query(digits_teacher, tmp_path, capsys, extra, message):
     code = main(["synthesize", "--teacher", str(digits_teacher), "--per-class", "2", *extra, "--out", str(tmp_path / "o")])
@@ -145,10 +145,10 @@ def test_zero_shot_path_touches_no_training_image(teacher_onnx, shared_dir, tmp_
     monkeypatch.setattr(mnist, "load_split", test_split_only)
     synth, soft, student = tmp_path / "synth", tmp_path / "soft", tmp_path / "student"
     teacher = str(teacher_onnx)
-    assert main(["synthesize", "--teacher", teacher, "--per-class", "2", "--budget-per-sample", "120", "--rounds", "1",
+    assert main(["synthesize", "--teacher", teacher, "--per-class", "2", "--queries-per-sample", "120", "--rounds", "1",
                  "--shard-size", "20", "--mixtures", "300", "--out", str(synth)]) == 0
     oracle_before = json.loads((synth / "manifest.json").read_text())["total_queries"]
-    assert main(["soft-labels", "--teacher", teacher, "--pseudo", str(synth), "--method", "bd", "--budget", "10",
+    assert main(["soft-labels", "--teacher", teacher, "--pseudo", str(synth), "--method", "bd", "--queries-per-pair", "10",
                  "--out", str(soft)]) == 0
     r = load(soft / "soft_labels.npz")
     pseudo = load(synth / "pseudo_samples.npz")
@@ -162,4 +162,4 @@ def test_zero_shot_path_touches_no_training_image(teacher_onnx, shared_dir, tmp_
                  "mnist", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--no-fidelity", "--out", str(student)]) == 0
     assert splits and set(splits) == {"test"}
     metrics = json.loads((student / "metrics.json").read_text())
-    assert metrics["train_samples"] == 20 + 300 and metrics["teacher_queries_mixtures"] == 300
+    assert metrics["train_samples"] == 20 + 300 and metrics["teacher_queries"]["mixtures"] == 300

@@ -12,7 +12,7 @@ from db3kd.checkpoint import ModelSpec, export_onnx, load_checkpoint, save_check
 from db3kd.cli import main
 from db3kd.errors import CheckpointError, ConfigError
 from db3kd.models import build_model
-from db3kd.teachers import open_oracle
+from db3kd import open_oracle
 from db3kd.training import TrainConfig, accuracy, train_classifier
 
 
@@ -98,8 +98,8 @@ def test_train_teacher_then_student_from_teacher_labels(tmp_path, capsys):
 
     digits = load_dataset("digits")
     # Every training image was labelled once by the teacher, every test image once for fidelity.
-    assert student["teacher_queries_transfer"] == len(digits.x_train)
-    assert student["teacher_queries_eval"] == len(digits.x_test)
+    assert student["teacher_queries"]["total"] == len(digits.x_train)
+    assert student["teacher_queries"]["evaluation"] == len(digits.x_test)
     assert 0.0 < student["fidelity"] <= 1.0
     assert "fidelity" in capsys.readouterr().out
 
@@ -117,28 +117,28 @@ def test_demo_runs_the_whole_path(tmp_path, capsys, monkeypatch):
     from db3kd import demo
 
     # A smaller zero-shot synthesis than the demo's (30 pseudo samples): the same path, in seconds.
-    monkeypatch.setattr(demo, "DEMO_SYNTHESIS", {"per_class": 3, "budget_per_sample": 200, "rounds": 2, "shard_size": 10})
+    monkeypatch.setattr(demo, "DEMO_SYNTHESIS", {"per_class": 3, "queries_per_sample": 200, "rounds": 2, "shard_size": 10})
     monkeypatch.setattr(demo, "DEMO_MIXTURES", {"count": 300, "max_shift": 1})
     assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "3"]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     teacher, ce, bd, zero_shot = summary["rows"]
     assert teacher["teacher_queries"] is None and teacher["test_accuracy"] > 0.5
     assert ce["teacher_queries"] == summary["train_samples"]  # one top-1 label per training image
-    manifest = json.loads((tmp_path / "demo" / "soft-labels-bd" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "demo" / "data" / "soft_labels" / "bd" / "manifest.json").read_text())
     assert bd["teacher_queries"] == manifest["total_queries"] > summary["train_samples"]
     assert 0 < bd["fidelity"] <= 1 and 0 < ce["fidelity"] <= 1
     # Zero-shot: the student's queries are the synthesis's, the soft labels' (which label nothing again) and
     # the mixtures' (one each).
-    synth = json.loads((tmp_path / "demo" / "synthesize" / "manifest.json").read_text())
-    soft = json.loads((tmp_path / "demo" / "soft-labels-zero-shot" / "manifest.json").read_text())
+    synth = json.loads((tmp_path / "demo" / "zero-shot" / "synthesize" / "manifest.json").read_text())
+    soft = json.loads((tmp_path / "demo" / "zero-shot" / "soft_labels" / "bd" / "manifest.json").read_text())
     assert summary["pseudo_samples"] == 30 and soft["reference_label_queries"] == 0
     assert summary["mixtures"] == summary["mixture_queries"] == 300
     assert zero_shot["teacher_queries"] == synth["total_queries"] + soft["total_queries"] + 300 == (
         summary["synthesis_queries"] + summary["zero_shot_soft_label_queries"] + summary["mixture_queries"])
     assert 0 <= zero_shot["fidelity"] <= 1
-    metrics = json.loads((tmp_path / "demo" / "student-zsdb3kd-bd" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "demo" / "zero-shot" / "students" / "bd-lenet5-half-seed0" / "metrics.json").read_text())
     assert metrics["train_samples"] == 30 + 300 and metrics["transfer_set"] == "synthesized"
-    assert metrics["teacher_queries_mixtures"] == 300
+    assert metrics["teacher_queries"]["mixtures"] == 300
     out = capsys.readouterr().out
     assert "DB3KD-BD" in out and "CE on top-1 labels" in out
     assert "| student, ZSDB3KD-BD (zero-shot) " in out and "Zero-shot: 30 pseudo samples synthesized from noise" in out
@@ -157,7 +157,7 @@ def test_standard_kd_baseline_reads_logits_and_says_so(digits_teacher, tmp_path,
     metrics = json.loads((out / "metrics.json").read_text())
     assert sum(calls) == metrics["train_samples"]  # logits of every training image, read in batches
     assert metrics["labels"] == "whitebox-logits"
-    assert "upper reference" in metrics["white_box"] and metrics["loss"]["temperature"] == 20.0
+    assert metrics["white_box"] is True and metrics["loss"]["temperature"] == 20.0
 
 
 def test_standard_kd_refuses_a_label_service(tmp_path, capsys):

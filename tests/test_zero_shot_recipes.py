@@ -14,12 +14,13 @@ import pytest
 import yaml
 
 from db3kd.errors import ConfigError
+from db3kd.jobs.mixtures import MixtureConfig
 from db3kd.pipeline import plan_stages, run_recipe
 from db3kd.recipe import load_recipe, parse_recipe
-from db3kd.report import collect, summarise, write_report
+from db3kd.report import write_report
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-SYNTHESIS = {"per_class": 3, "budget_per_sample": 200, "rounds": 2, "shard_size": 10, "draw_batch": 200}
+SYNTHESIS = {"per_class": 3, "queries_per_sample": 200, "rounds": 2, "shard_size": 10, "draw_batch": 200}
 STAGES = {"synthesize", "soft_labels/bd", "soft_labels/mbd", "students/bd-lenet5-fifth-seed0",
           "students/mbd-lenet5-fifth-seed0", "students/mbd-q20-lenet5-fifth-seed0", "students/ce-lenet5-fifth-seed0",
           "students/standard-kd-lenet5-fifth-seed0"}
@@ -33,8 +34,8 @@ def zero_shot_recipe(teacher: Path) -> dict:
         "teacher": str(teacher),
         "transfer": {"synthesize": dict(SYNTHESIS)},
         "soft_labels": {
-            "bd": {"method": "bd", "params": {"max_queries": 10}},
-            "mbd": {"method": "mbd", "params": {"budget": 40, "checkpoints": [20, 40], "probes": 8},
+            "bd": {"method": "bd", "params": {"queries_per_pair": 10}},
+            "mbd": {"method": "mbd", "params": {"queries_per_pair": 40, "checkpoints": [20, 40], "probes": 8},
                     "subset": 20, "checkpoint_students": True},
         },
         "students": {"arch": ["lenet5-fifth"], "seeds": [0], "train": {"epochs": 1, "batch_size": 64, "lr": 0.003}},
@@ -126,13 +127,13 @@ def test_every_query_behind_a_student_is_counted(zs_run):
     assert synthesis > 0 and bd["reference_label_queries"] == 0  # synthesis labelled the pseudo samples already
     assert read(run_dir / "synthesize/stage.json")["teacher_queries"]["transfer"] == synthesis
     student = read(run_dir / "students/bd-lenet5-fifth-seed0/metrics.json")
-    assert student["teacher_queries_transfer"] == synthesis + bd["total_queries"]
+    assert student["teacher_queries"]["total"] == synthesis + bd["total_queries"]
     assert student["transfer_set"] == "synthesized" and student["transfer_samples"] == 30
     mbd = load(run_dir / "soft_labels/mbd/soft_labels.npz")
     at_20 = read(run_dir / "students/mbd-q20-lenet5-fifth-seed0/metrics.json")
-    assert at_20["teacher_queries_transfer"] == synthesis + np.minimum(mbd["queries"], 20).sum()
+    assert at_20["teacher_queries"]["total"] == synthesis + np.minimum(mbd["queries"], 20).sum()
     ce = read(run_dir / "students/ce-lenet5-fifth-seed0/metrics.json")
-    assert ce["teacher_queries_transfer"] == synthesis and ce["teacher_queries_labels"] == 0
+    assert ce["teacher_queries"]["total"] == synthesis and ce["teacher_queries"]["labels"] == 0
     assert read(run_dir / "students/ce-lenet5-fifth-seed0/stage.json")["teacher_queries"]["transfer"] == 0
 
 
@@ -174,24 +175,24 @@ def test_rerun_skips_and_editing_synthesis_recomputes_everything_downstream(tmp_
 
 
 def test_interrupted_synthesis_resumes_to_the_same_samples(digits_teacher, zs_run, tmp_path, monkeypatch):
-    import db3kd.synthesis as synthesis
+    import db3kd.jobs.synthesis as synthesis
 
     raw = zero_shot_recipe(digits_teacher)
     raw["soft_labels"] = {"bd": raw["soft_labels"]["bd"]}
     raw["baselines"] = []
-    original, shards = synthesis.synthesize_shard, []
+    original, shards = synthesis.SynthesisJob.__call__, []
 
-    def dies_in_second_shard(oracle, labels, ids, config, shard):
+    def dies_in_second_shard(self, oracle, shard):
         shards.append(shard)
         if len(shards) == 2:
             raise KeyboardInterrupt
-        return original(oracle, labels, ids, config, shard)
+        return original(self, oracle, shard)
 
-    monkeypatch.setattr(synthesis, "synthesize_shard", dies_in_second_shard)
+    monkeypatch.setattr(synthesis.SynthesisJob, "__call__", dies_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
         run(raw, tmp_path, tmp_path / "run")
     assert read(tmp_path / "run/synthesize/stage.json")["status"] == "running"
-    monkeypatch.setattr(synthesis, "synthesize_shard", original)
+    monkeypatch.setattr(synthesis.SynthesisJob, "__call__", original)
     statuses = run(raw, tmp_path, tmp_path / "run")
     assert statuses["synthesize"] == "done" and read(tmp_path / "run/synthesize/stage.json")["resumed"] is True
     first, again = load(zs_run[0] / "synthesize/pseudo_samples.npz"), load(tmp_path / "run/synthesize/pseudo_samples.npz")
@@ -215,23 +216,23 @@ def _edit(raw: dict, path: str, value) -> dict:
 @pytest.mark.parametrize("path, value, message", [
     ("transfer.synthesize.per_clas", 3, r"^transfer\.synthesize\.per_clas: unknown key; expected one of per_class, "),
     ("transfer.synthesize.per_class", KeyError, r"^transfer\.synthesize\.per_class: missing; SynthesisConfig needs per_class$"),
-    ("transfer.synthesize.per_class", 0, r"^transfer\.synthesize: per_class must be a positive integer, got 0$"),
-    ("transfer.synthesize.budget_per_sample", 20,
-     r"^transfer\.synthesize: budget_per_sample must be at least \d+ for 2 rounds and 10 classes"),
-    ("transfer.synthesize.shard_size", 4, r"^transfer\.synthesize: shard_size must be at least the number of classes"),
-    ("transfer.synthesize", [1], r"^transfer\.synthesize: expected a mapping with string keys, got \[1\]$"),
+    ("transfer.synthesize.per_class", 0, r"^transfer\.synthesize\.per_class: must be a positive integer, got 0$"),
+    ("transfer.synthesize.queries_per_sample", 20,
+     r"^transfer\.synthesize\.queries_per_sample: must be at least \d+ for 2 rounds and 10 classes"),
+    ("transfer.synthesize.shard_size", 4, r"^transfer\.synthesize\.shard_size: must be at least the number of classes"),
+    ("transfer.synthesize", [1], r"^transfer\.synthesize: expected a mapping of SynthesisConfig settings, got \[1\]$"),
     ("transfer.split", "train", r"^transfer\.split: expected no split with synthesize \(zero-shot reads no real image\)"),
     ("transfer.subset", 100, r"^transfer\.subset: expected no subset with synthesize"),
     ("soft_labels.mbd.subset", 31,
      r"^soft_labels\.mbd\.subset: expected at most transfer\.synthesize\.per_class x 10 classes = 30, got 31$"),
-    ("transfer.mixtures", {"count": 0}, r"^transfer\.mixtures: count must be an integer >= 1, got 0$"),
+    ("transfer.mixtures", {"count": 0}, r"^transfer\.mixtures\.count: must be an integer >= 1, got 0$"),
     ("transfer.mixtures", {"max_shift": 1}, r"^transfer\.mixtures\.count: missing; MixtureConfig needs count$"),
     ("transfer.mixtures", {"count": 5, "max_shfit": 1},
      r"^transfer\.mixtures\.max_shfit: unknown key; expected one of count, max_shift, min_brightness, seed, shard_size$"),
     ("transfer.mixtures", {"count": 5, "min_brightness": 1.5},
-     r"^transfer\.mixtures: min_brightness must be a number in \(0, 1\], got 1\.5$"),
-    ("transfer.mixtures", {"count": 5, "max_shift": 1.5}, r"^transfer\.mixtures: max_shift must be an integer >= 0, got 1\.5$"),
-    ("transfer.mixtures", 400, r"^transfer\.mixtures: expected a mapping with string keys, got 400$"),
+     r"^transfer\.mixtures\.min_brightness: must be a number in \(0, 1\], got 1\.5$"),
+    ("transfer.mixtures", {"count": 5, "max_shift": 1.5}, r"^transfer\.mixtures\.max_shift: expected int, got 1\.5$"),
+    ("transfer.mixtures", 400, r"^transfer\.mixtures: expected a mapping of MixtureConfig settings, got 400$"),
 ], ids=lambda v: v if isinstance(v, str) and not v.startswith("^") else None)
 def test_bad_zero_shot_recipes_are_refused_precisely(digits_teacher, path, value, message):
     with pytest.raises(ConfigError, match=message):
@@ -241,9 +242,9 @@ def test_bad_zero_shot_recipes_are_refused_precisely(digits_teacher, path, value
 def test_shipped_zero_shot_recipe_is_valid():
     recipe = load_recipe(RECIPES / "mnist-zsdb3kd.yaml", check_files=False)
     assert recipe.transfer.zero_shot and recipe.transfer.split is None
-    assert recipe.transfer.synthesize["per_class"] == 500 and recipe.transfer.synthesize["rounds"] == 6
-    assert recipe.transfer.mixtures == {"count": 400_000, "max_shift": 3, "min_brightness": 0.3, "seed": 0,
-                                        "shard_size": 50_000}
+    assert recipe.transfer.synthesize.per_class == 500 and recipe.transfer.synthesize.rounds == 6
+    assert recipe.transfer.mixtures == MixtureConfig(count=400_000, max_shift=3, min_brightness=0.3, seed=0,
+                                                     shard_size=50_000)
     assert (recipe.students.train.epochs, recipe.students.train.batch_size) == (6, 128)
     assert recipe.teacher.endswith("shared/teachers/lenet5_mnist.onnx") and Path(recipe.teacher).is_absolute()
     stages = plan_stages(recipe)
@@ -262,26 +263,16 @@ def test_mnist_zero_shot_recipe_runs_without_training_files(teacher_onnx, shared
         shutil.copy(shared_dir / "data" / "mnist" / name, data / name)
     raw = {"name": "mnist-zs", "dataset": {"name": "mnist", "data_dir": str(tmp_path / "data")},
            "teacher": str(teacher_onnx),
-           "transfer": {"synthesize": {"per_class": 2, "budget_per_sample": 120, "rounds": 1, "shard_size": 20},
+           "transfer": {"synthesize": {"per_class": 2, "queries_per_sample": 120, "rounds": 1, "shard_size": 20},
                         "mixtures": {"count": 100, "shard_size": 60}},
-           "soft_labels": {"bd": {"method": "bd", "params": {"max_queries": 10}}},
+           "soft_labels": {"bd": {"method": "bd", "params": {"queries_per_pair": 10}}},
            "students": {"arch": ["lenet5-fifth"], "train": {"epochs": 1, "batch_size": 64}}}
     statuses = run(raw, tmp_path, tmp_path / "run")
     assert set(statuses.values()) == {"done"} and set(test_split_only) == {"test"}
     assert not list((tmp_path / "data" / "mnist").glob("train-*"))  # nothing was downloaded either
     metrics = read(tmp_path / "run/students/bd-lenet5-fifth-seed0/metrics.json")
     assert metrics["transfer_set"] == "synthesized" and 0 <= metrics["test_accuracy"] <= 1
-    assert metrics["train_samples"] == 20 + 100 and metrics["teacher_queries_mixtures"] == 100  # pseudo + mixtures
-
-
-def test_summarise_keeps_students_of_runs_made_before_zero_shot(zs_run):
-    """Older metrics.json lack transfer_set: their row names the recipe's split."""
-    run_dir, _, _ = zs_run
-    results, _ = collect(run_dir, plan_stages(load_recipe(run_dir / "recipe.resolved.yaml", check_files=False)))
-    for r in results:
-        r.pop("transfer_set")
-    rows = summarise(results, default_transfer="train split")
-    assert rows[0]["transfer"] == "train split, 30 images" and not rows[0]["zero_shot"]
+    assert metrics["train_samples"] == 20 + 100 and metrics["teacher_queries"]["mixtures"] == 100  # pseudo + mixtures
 
 
 # --- teacher-labelled mixtures of the pseudo samples (transfer.mixtures) --------------------------------------
@@ -308,12 +299,12 @@ def mix_run(digits_teacher, tmp_path_factory):
 
 def test_mixtures_are_parsed_with_their_defaults_and_only_with_synthesis(digits_teacher, mix_run):
     recipe = parse_recipe(mixture_recipe(digits_teacher))
-    assert recipe.transfer.mixtures == {**MIXTURES, "min_brightness": 0.3, "seed": 0}  # MixtureConfig's defaults
-    assert resolved(mix_run[0])["transfer"]["mixtures"] == recipe.transfer.mixtures
+    assert recipe.transfer.mixtures == MixtureConfig(**MIXTURES)  # with its defaults
+    assert resolved(mix_run[0])["transfer"]["mixtures"] == {**MIXTURES, "min_brightness": 0.3, "seed": 0}
     assert parse_recipe(zero_shot_recipe(digits_teacher)).transfer.mixtures is None  # optional
     real = {**mixture_recipe(digits_teacher), "transfer": {"split": "train", "mixtures": {"count": 5}}}
     with pytest.raises(ConfigError, match=r"^transfer\.mixtures: expected mixtures only together with synthesize "
-                                          r"\(they are mixtures of its pseudo samples\), got \{'count': 5\}$"):
+                                          r"\(they are mixtures of its pseudo samples\), got MixtureConfig\(count=5, "):
         parse_recipe(real)
 
 
@@ -326,15 +317,15 @@ def test_zero_shot_students_train_on_the_mixtures_and_count_their_queries(mix_ru
     assert read(run_dir / "mixtures/stage.json")["teacher_queries"]["transfer"] == 200
     bd = read(run_dir / "soft_labels/bd/manifest.json")["total_queries"]
     student = read(run_dir / "students/bd-lenet5-fifth-seed0/metrics.json")
-    assert student["teacher_queries_transfer"] == synthesis + bd + 200 and student["teacher_queries_mixtures"] == 200
+    assert student["teacher_queries"]["total"] == synthesis + bd + 200 and student["teacher_queries"]["mixtures"] == 200
     assert student["train_samples"] == 30 + 200 and student["transfer_samples"] == 30
     ce = read(run_dir / "students/ce-lenet5-fifth-seed0/metrics.json")
-    assert ce["teacher_queries_transfer"] == synthesis + 200 and ce["teacher_queries_mixtures"] == 200
-    assert ce["train_samples"] == 230 and ce["teacher_queries_labels"] == 0
+    assert ce["teacher_queries"]["total"] == synthesis + 200 and ce["teacher_queries"]["mixtures"] == 200
+    assert ce["train_samples"] == 230 and ce["teacher_queries"]["labels"] == 0
     assert read(run_dir / "students/ce-lenet5-fifth-seed0/stage.json")["teacher_queries"]["transfer"] == 0
     kd = read(run_dir / "students/standard-kd-lenet5-fifth-seed0/metrics.json")  # white-box: the pseudo samples only
-    assert kd["train_samples"] == 30 and kd["teacher_queries_transfer"] == synthesis
-    assert "teacher_queries_mixtures" not in kd
+    assert kd["train_samples"] == 30 and kd["teacher_queries"]["total"] == synthesis
+    assert kd["teacher_queries"]["mixtures"] == 0
 
 
 def test_report_counts_the_mixtures_in_the_total_queries(mix_run, monkeypatch):

@@ -14,11 +14,11 @@ from .errors import (  # noqa: E402
     TeacherError,
 )
 from .models import available_models, build_model  # noqa: E402
-from .oracle import LabelOracle  # noqa: E402
-from .teachers import load_teacher, open_oracle  # noqa: E402
+from .oracle import LabelOracle, open_oracle  # noqa: E402
+from .teachers import TeacherSpec, load_teacher  # noqa: E402
 
 __all__ = [
     "DATASETS", "BudgetExceededError", "ConfigError", "DataError", "DB3KDError", "InputError", "LabelOracle",
-    "ModelSpec", "TeacherConnectionError", "TeacherError", "available_models", "build_model", "export_onnx",
+    "ModelSpec", "TeacherConnectionError", "TeacherSpec", "TeacherError", "available_models", "build_model", "export_onnx",
     "load_checkpoint", "load_dataset", "load_split", "load_teacher", "open_oracle", "save_checkpoint",
 ]

@@ -7,6 +7,7 @@ dataset it was trained on. `model.onnx` is the same network exported for black-b
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .io import atomic_write
 
 FORMAT = "db3kd-model/1"
 
@@ -38,13 +40,9 @@ class ModelSpec:
 
 def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, spec: ModelSpec) -> Path:
     """Write `model`'s weights and `spec` to `path` atomically (a crash never leaves half a file)."""
-    path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "spec": asdict(spec), "state_dict": state}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
@@ -86,22 +84,19 @@ def export_onnx(model: torch.nn.Module, spec: ModelSpec, path: str | os.PathLike
     """
     import onnx
 
-    path = Path(path)
     model = model.eval().cpu()
     example = torch.zeros(2, *spec.input_shape)
-    tmp = path.with_name(path.name + ".tmp")
+    exported = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter is deprecated but needs no onnxscript
         torch.onnx.export(
-            model, (example,), str(tmp), dynamo=False, input_names=["image"], output_names=["logits"],
+            model, (example,), exported, dynamo=False, input_names=["image"], output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
         )
-    proto = onnx.load(str(tmp))
+    proto = onnx.load_from_string(exported.getvalue())
     meta = {"db3kd.arch": spec.arch, "db3kd.num_classes": str(spec.num_classes),
             "db3kd.bounds": f"{spec.bounds[0]},{spec.bounds[1]}"}
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.save(proto, str(tmp))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: f.write(proto.SerializeToString()))

@@ -202,3 +202,13 @@ def _clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     if x.device.type == "cpu":
         return torch.from_numpy(np.clip(x.numpy(), lo, hi))
     return x.clamp(lo, hi)
+
+
+def open_oracle(spec, budget: int | None = None, chunk_size: int | None = None, ledger: QueryLedger | None = None,
+                api_key: str | None = None, **options) -> LabelOracle:
+    """A `LabelOracle` over the teacher `spec` (a path, URL, `TeacherSpec`, module or backend: see
+    `db3kd.teachers.load_teacher`); `ledger`: a budget shared with other oracles."""
+    from .teachers import load_teacher
+
+    return LabelOracle(load_teacher(spec, api_key=api_key, **options), budget=budget, chunk_size=chunk_size,
+                       ledger=ledger)

@@ -33,13 +33,13 @@ only if a synthesize or soft-label stage has work to do; one serves every stage 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -47,8 +47,10 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-from .jobs import write_json
-from .recipe import Recipe, is_url, recipe_to_dict
+from .io import write_json, write_text
+from .recipe import Recipe, recipe_to_dict
+from .teachers import TeacherSpec
+from .transfer import TransferCost, TransferSet
 
 STAGE_FILE = "stage.json"
 SYNTHESIZE = "synthesize"  # the zero-shot synthesis stage's directory
@@ -85,17 +87,6 @@ class StageRecord:
     seconds: float
 
 
-def teacher_identity(spec: str) -> str:
-    """What the stage hashes know of the teacher: a file's SHA-256 (a retrained teacher invalidates them) or the URL."""
-    if is_url(spec):
-        return spec
-    digest = hashlib.sha256()
-    with open(spec, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
 def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
     """Every stage of `recipe` in run order, with hashes (synthesis, mixtures and soft labels first, then
     students, then baselines)."""
@@ -104,19 +95,20 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
     if recipe.transfer.zero_shot:
         data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": "pseudo"}
         stages.append(Stage(SYNTHESIZE, "synthesize", {**data, "kind": "synthesize",
-                                                       "params": recipe.transfer.synthesize}))
+                                                       "params": dataclasses.asdict(recipe.transfer.synthesize)}))
         transfer_inputs = [SYNTHESIZE]  # every stage that reads the transfer images depends on them
         if recipe.transfer.mixtures is not None:
             # Its own stage, hashed on the synthesize stage's: new mixture parameters never recompute the pseudo
             # samples, and new pseudo samples always recompute the mixtures.
-            stages.append(Stage(MIXTURES, "mixtures", {**data, "kind": "mixtures", "params": recipe.transfer.mixtures},
+            stages.append(Stage(MIXTURES, "mixtures",
+                                {**data, "kind": "mixtures", "params": dataclasses.asdict(recipe.transfer.mixtures)},
                                 [SYNTHESIZE]))
             mixtures = [MIXTURES]
     else:
         data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": recipe.transfer.split,
                 "transfer_subset": recipe.transfer.subset}
         transfer_inputs = []
-    train = dataclasses.asdict(recipe.students.train)
+    train = {k: v for k, v in dataclasses.asdict(recipe.students.train).items() if k != "seed"}  # seeds: per student
     loss = dataclasses.asdict(recipe.students.loss)
     for name, spec in recipe.soft_labels.items():
         config = {**data, "kind": "soft_labels", "method": spec.method, "params": spec.params, "seed": spec.seed,
@@ -163,7 +155,8 @@ class _Context:
     """What stages share, loaded on first use: a rerun with nothing to do opens no data and no teacher."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, api_key: str | None, progress: bool):
-        self.recipe, self.run_dir, self.api_key, self.progress = recipe, run_dir, api_key, progress
+        self.recipe, self.run_dir, self.progress = recipe, run_dir, progress
+        self.teacher = TeacherSpec.parse(recipe.teacher, api_key)
 
     @cached_property
     def transfer_x(self) -> np.ndarray:
@@ -182,33 +175,28 @@ class _Context:
     @cached_property
     def pseudo(self) -> tuple[np.ndarray, np.ndarray, dict]:
         """The synthesize stage's pseudo samples, their labels (the teacher's) and its manifest."""
-        from .synthesis import load_pseudo_samples
+        from .jobs.synthesis import load_pseudo_samples
 
         return load_pseudo_samples(self.run_dir / SYNTHESIZE)
-
-    @cached_property
-    def pseudo_digest(self) -> str:
-        """SHA-256 of the pseudo samples and labels: soft-label shards made from other samples are refused."""
-        x, y, _ = self.pseudo
-        return hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
 
     def synthesis_queries(self) -> int:
         """Teacher queries that made the transfer images: the synthesis's (zero-shot), else none."""
         return int(self.pseudo[2]["total_queries"]) if self.recipe.transfer.zero_shot else 0
 
-    @cached_property
-    def mixtures(self) -> tuple[np.ndarray, np.ndarray, dict]:
-        """The mixtures stage's images (rebuilt from the pseudo samples), labels and manifest."""
-        from .mixtures import read_mixtures
+    @property
+    def source(self) -> str:
+        """Where the transfer images come from, as students record it."""
+        return "synthesized" if self.recipe.transfer.zero_shot else f"{self.recipe.transfer.split} split"
 
-        return read_mixtures(self.run_dir / MIXTURES, self.pseudo[0], source=f"{self.run_dir / SYNTHESIZE}'s",
-                             remake="rerun")
+    def with_mixtures(self, transfer: TransferSet, stage: Stage) -> TransferSet:
+        """`transfer` plus the mixtures stage's images (rebuilt from the pseudo samples), if `stage` reads them."""
+        if MIXTURES not in stage.inputs:
+            return transfer
+        from .jobs.mixtures import read_mixtures
 
-    def transfer_description(self) -> dict:
-        """What students record about their transfer set (the report's transfer column)."""
-        if self.recipe.transfer.zero_shot:
-            return {"transfer_set": "synthesized", "teacher_queries_synthesis": self.synthesis_queries()}
-        return {"transfer_set": f"{self.recipe.transfer.split} split"}
+        images, labels, manifest = read_mixtures(self.run_dir / MIXTURES, self.pseudo[0],
+                                                 source=f"{self.run_dir / SYNTHESIZE}'s", remake="rerun")
+        return transfer.with_mixtures(images, labels, manifest["total_queries"])
 
     @cached_property
     def test(self) -> tuple[np.ndarray, np.ndarray]:
@@ -224,36 +212,33 @@ class _Context:
 
     @cached_property
     def oracle(self):
-        from .cli.common import open_teacher
+        from .oracle import open_oracle
 
-        return open_teacher(self.recipe.teacher, self.api_key)
+        return open_oracle(self.teacher)
 
     @cached_property
     def executor(self):
-        """Where shards run: None (in this process) or one `RayExecutor`, reused by every stage."""
-        spec = self.recipe.executor
-        if spec.kind == "local":
-            return None
-        from .executors import RayExecutor, TeacherSource
-
-        return RayExecutor(TeacherSource.from_spec(self.recipe.teacher, self.api_key), address=spec.address,
-                           workers=spec.workers, max_retries=spec.max_retries)
+        """Where shards run: one executor, reused by every stage."""
+        return self.recipe.executor.build(self.teacher)
 
 
 def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key: str | None = None,
-               progress: bool = True) -> list[StageRecord]:
-    """Run every stage of `recipe` that is not already done with the same config; return what happened."""
+               progress: bool = True,
+               on_stage: Callable[[int, int, StageRecord], None] | None = None) -> list[StageRecord]:
+    """Run every stage of `recipe` that is not already done with the same config; return what happened.
+
+    `on_stage(i, n, record)` is called after each of the n stages (the CLI prints a line).
+    """
     import yaml
 
     run_dir = Path(run_dir if run_dir is not None else recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = recipe_to_dict(dataclasses.replace(recipe, run_dir=str(run_dir)))
-    _write_text(run_dir / RESOLVED_RECIPE, yaml.safe_dump(resolved, sort_keys=False))
-    stages = plan_stages(recipe, teacher_identity(recipe.teacher))
+    write_text(run_dir / RESOLVED_RECIPE, yaml.safe_dump(resolved, sort_keys=False))
     context = _Context(recipe, run_dir, api_key, progress)
+    stages = plan_stages(recipe, context.teacher.identity())
     runners = {"synthesize": _synthesize_stage, "mixtures": _mixtures_stage, "soft_labels": _soft_label_stage,
-               "distill": _distill_stage,
-               "ce": _ce_stage, "standard-kd": _standard_kd_stage}
+               "distill": _distill_stage, "ce": _ce_stage, "standard-kd": _standard_kd_stage}
     if any(stage.kind in SHARDED and not _is_done(run_dir / stage.name, stage) for stage in stages):
         context.executor  # noqa: B018 - made now, so a missing Ray or a bad address fails before any query
     records = []
@@ -270,8 +255,8 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
             status = "done"
         record = StageRecord(stage.name, status, round(time.perf_counter() - started, 2))
         records.append(record)
-        print(f"[{i}/{len(stages)}] {stage.name}: {status}" + ("" if status == "skipped" else f" ({record.seconds:.1f} s)"),
-              flush=True)
+        if on_stage is not None:
+            on_stage(i, len(stages), record)
     write_json(run_dir / "run.json", {"recipe": recipe.name, "executor": dataclasses.asdict(recipe.executor),
                                       "stages": [dataclasses.asdict(r) for r in records]})
     return records
@@ -305,166 +290,99 @@ def _write_stage(out: Path, stage: Stage, status: str, **summary) -> None:
                                   "finished" if status == "done" else "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --- the stages ---------------------------------------------------------------------------------------------
 # Each returns a summary for stage.json: teacher queries for the transfer set and for evaluation, counted apart.
 
 def _synthesize_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
-    from .synthesis import SynthesisConfig, synthesize
+    from .jobs.synthesis import SynthesisConfig, synthesize
 
-    config = SynthesisConfig(**stage.config["params"])
-    with _torch_threads(1 if not ctx.recipe.teacher.lower().endswith((".pt", ".pth")) else None):
-        manifest = synthesize(ctx.oracle, config, out, {"teacher": ctx.recipe.teacher}, progress=ctx.progress,
-                              executor=ctx.executor)
+    with ctx.teacher.thread_policy():
+        manifest = synthesize(ctx.oracle, SynthesisConfig(**stage.config["params"]), out,
+                              {"teacher": ctx.recipe.teacher}, progress=ctx.progress, executor=ctx.executor)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0},
             "pseudo_samples": manifest["num_samples"], "synthesis_seconds": manifest["seconds"]}
 
 
 def _mixtures_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
-    from .mixtures import MixtureConfig, label_mixtures
+    from .jobs.mixtures import MixtureConfig, label_mixtures
 
-    config = MixtureConfig(**stage.config["params"])
-    run_info = {"teacher": ctx.recipe.teacher, "pseudo": SYNTHESIZE}
-    with _torch_threads(1 if not ctx.recipe.teacher.lower().endswith((".pt", ".pth")) else None):
-        manifest = label_mixtures(ctx.oracle, ctx.pseudo[0], config, out, run_info, progress=ctx.progress,
+    with ctx.teacher.thread_policy():
+        manifest = label_mixtures(ctx.oracle, ctx.pseudo[0], MixtureConfig(**stage.config["params"]), out,
+                                  {"teacher": ctx.recipe.teacher, "pseudo": SYNTHESIZE}, progress=ctx.progress,
                                   executor=ctx.executor)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0}, "mixtures": manifest["count"],
             "mixture_seconds": manifest["seconds"]}
 
 
-def _with_mixtures(ctx: _Context, stage: Stage, images: np.ndarray, labels: np.ndarray, logits: np.ndarray | None,
-                   extra: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The training data (images, labels, soft logits or None) plus the mixtures if `stage` reads them (hard
-    labels only: NaN soft logits, see `with_hard_labels`); their queries are added to `extra`'s."""
-    from .transfer import TransferSet, with_hard_labels
-
-    if MIXTURES not in stage.inputs:
-        return images, labels, logits
-    mixed_x, mixed_y, manifest = ctx.mixtures
-    queries = int(manifest["total_queries"])
-    extra.update(teacher_queries_transfer=extra["teacher_queries_transfer"] + queries,
-                 teacher_queries_mixtures=queries, mixture_samples=len(mixed_y))
-    base = TransferSet(images, labels, np.empty((len(images), 0), np.float32) if logits is None else logits, {})
-    joined = with_hard_labels(base, mixed_x, mixed_y)
-    return joined.images, joined.labels, None if logits is None else joined.logits
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None):
-    """torch limited to `threads` inside (None: unchanged). Synthesis uses torch only for its searches'
-    small-batch bookkeeping while ONNX Runtime (or a service) answers: torch's idle OpenMP threads would
-    spin against the teacher's on the same cores (as `db3kd synthesize` does)."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
-    from .soft_labels import SoftLabelConfig, compute_soft_labels
+    from .jobs.soft_labels import compute_soft_labels, digest
 
     name = stage.name.split("/", 1)[1]
     spec = ctx.recipe.soft_labels[name]
     x = ctx.transfer_x  # the transfer images are also the reference samples (candidate directions)
     if spec.subset is not None and spec.subset > len(x):
         raise ConfigError(f"soft_labels.{name}.subset: expected at most {len(x)} (the transfer set's size), got {spec.subset}")
-    indices = np.arange(spec.subset or len(x))
-    config = SoftLabelConfig(spec.method, dict(spec.params), spec.seed, spec.shard_size)
     run_info = {"teacher": ctx.recipe.teacher, "dataset": ctx.recipe.dataset.name, "split": ctx.recipe.transfer.split}
+    pseudo = {}
     if ctx.recipe.transfer.zero_shot:
         # Pseudo samples: their labels are the teacher's already (no labelling queries), and the images go
         # into soft_labels.npz, since no dataset holds them.
-        run_info.update(split="pseudo", pseudo=SYNTHESIZE, pseudo_sha256=ctx.pseudo_digest)
-        manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress,
-                                       reference_y=ctx.pseudo[1], store_images=True, executor=ctx.executor)
-    else:
-        manifest = compute_soft_labels(ctx.oracle, x, indices, config, out, run_info, progress=ctx.progress,
-                                       executor=ctx.executor)
+        run_info.update(split="pseudo", pseudo=SYNTHESIZE, pseudo_sha256=digest(*ctx.pseudo[:2]))
+        pseudo = {"reference_y": ctx.pseudo[1], "store_images": True, "synthesis_queries": ctx.synthesis_queries()}
+    with ctx.teacher.thread_policy():
+        manifest = compute_soft_labels(ctx.oracle, x, np.arange(spec.subset or len(x)), spec, out, run_info,
+                                       progress=ctx.progress, executor=ctx.executor, **pseudo)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0},
             "soft_label_seconds": manifest["seconds"]}
 
 
 def _distill_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     from .losses import KDLoss
-    from .robustness import distances_to_logits
     from .transfer import load_transfer_set
 
-    source = ctx.run_dir / stage.inputs[0]
-    transfer = load_transfer_set(source, ctx.recipe.dataset.data_dir)
-    manifest, logits = transfer.manifest, transfer.logits
-    queries, per_pair = manifest["total_queries"], manifest["queries_per_pair"]
-    checkpoint = stage.config["checkpoint"]
-    if checkpoint is not None:
-        # The distances MBD had reached after `checkpoint` queries per pair, and what they had cost by then.
-        with np.load(source / "soft_labels.npz", allow_pickle=False) as data:
-            at = list(data["checkpoints"]).index(checkpoint)
-            logits = distances_to_logits(data["distances_at"][at], transfer.labels).astype(np.float32)
-            spent = np.minimum(data["queries"], checkpoint)  # (N, K)
-            estimated = data["queries"] > 0
-        queries = int(manifest["reference_label_queries"] + spent.sum())
-        per_pair = float(spent[estimated].mean()) if estimated.any() else 0.0
-    # Every query behind the student's training data: synthesis (zero-shot), labels, soft labels and mixtures.
-    extra = {"stage": stage.name, "method": stage.label, "estimator": manifest["method"], "checkpoint": checkpoint,
-             "soft_labels": stage.inputs[0], "teacher": ctx.recipe.teacher,
-             "teacher_queries_transfer": ctx.synthesis_queries() + queries, "teacher_queries_soft_labels": queries,
-             **ctx.transfer_description(), "transfer_samples": len(transfer.images), "queries_per_pair": per_pair,
-             "soft_label_seconds": manifest["seconds"], "white_box": False}
-    images, labels, logits = _with_mixtures(ctx, stage, transfer.images, transfer.labels, logits, extra)
-    return _train_student(ctx, stage, out, (images, labels), extra, soft_logits=logits,
+    transfer = load_transfer_set(ctx.run_dir / stage.inputs[0], ctx.recipe.dataset.data_dir,
+                                 checkpoint=stage.config["checkpoint"])
+    extra = {"stage": stage.name, "method": stage.label, "estimator": transfer.manifest["method"],
+             "checkpoint": stage.config["checkpoint"], "soft_labels": stage.inputs[0], "teacher": ctx.recipe.teacher,
+             "soft_label_seconds": transfer.manifest["seconds"]}
+    return _train_student(ctx, stage, out, ctx.with_mixtures(transfer, stage), extra,
                           kd=KDLoss(**stage.config["loss"]))
 
 
 def _ce_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
-    from .jobs import teacher_labels
+    from .jobs.students import teacher_labels
 
     if ctx.recipe.transfer.zero_shot:
-        labels, queries = ctx.pseudo[1], 0  # the teacher labelled every pseudo sample during synthesis
+        labels, cost = ctx.pseudo[1], TransferCost(synthesis=ctx.synthesis_queries())  # labelled by the synthesis
     else:
         labels, queries = teacher_labels(ctx.oracle, ctx.transfer_x)
-    extra = {"stage": stage.name, "method": "ce", "teacher": ctx.recipe.teacher,
-             "teacher_queries_transfer": ctx.synthesis_queries() + queries, "teacher_queries_labels": queries,
-             **ctx.transfer_description(), "transfer_samples": len(labels), "queries_per_pair": None,
-             "white_box": False}
-    images, labels, _ = _with_mixtures(ctx, stage, ctx.transfer_x, labels, None, extra)
-    return _train_student(ctx, stage, out, (images, labels), extra)
+        cost = TransferCost(labels=queries)
+    transfer = TransferSet(ctx.transfer_x, labels, None, cost, ctx.source)
+    extra = {"stage": stage.name, "method": "ce", "teacher": ctx.recipe.teacher}
+    return _train_student(ctx, stage, out, ctx.with_mixtures(transfer, stage), extra, spent=cost.labels)
 
 
 def _standard_kd_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
-    # The white-box reference: the only stage that reads logits, and the only importer of db3kd.whitebox here.
+    # The white-box reference: it never trains on the mixtures (transfer.mixtures), nor counts their queries.
     from .losses import KDLoss
-    from .whitebox import WhiteBoxTeacher, logits_in_batches
+    from .standard_kd import standard_kd_transfer
 
-    x = ctx.transfer_x
-    logits = logits_in_batches(WhiteBoxTeacher.from_file(ctx.recipe.teacher), x)
-    labels = logits.argmax(axis=1).astype(np.int64)  # hard labels: the teacher's top-1, as for every student
-    # Zero-shot, its transfer images are the pseudo samples: the label queries that made them are counted. It
-    # never trains on the mixtures (transfer.mixtures), nor counts their queries.
+    transfer = standard_kd_transfer(ctx.teacher, ctx.transfer_x, ctx.source,
+                                    TransferCost(synthesis=ctx.synthesis_queries()))
     extra = {"stage": stage.name, "method": "standard-kd", "teacher": ctx.recipe.teacher,
-             "teacher_queries_transfer": ctx.synthesis_queries(), "white_box_forward_passes": len(x),
-             **ctx.transfer_description(), "transfer_samples": len(x), "queries_per_pair": None, "white_box": True}
-    return _train_student(ctx, stage, out, (x, labels), extra, soft_logits=logits.astype(np.float32),
-                          kd=KDLoss(**stage.config["loss"]))
+             "white_box_forward_passes": len(transfer.images)}
+    return _train_student(ctx, stage, out, transfer, extra, kd=KDLoss(**stage.config["loss"]))
 
 
-def _train_student(ctx: _Context, stage: Stage, out: Path, train: tuple, extra: dict, soft_logits=None, kd=None) -> dict:
-    from .jobs import train_to_dir
+def _train_student(ctx: _Context, stage: Stage, out: Path, transfer: TransferSet, extra: dict, kd=None,
+                   spent: int = 0) -> dict:
+    """Train the stage's student; `spent`: transfer queries this stage sent itself (the CE baseline's labels;
+    a distilled student's were spent by its soft-label stage)."""
+    from .jobs.students import train_student
     from .training import TrainConfig
 
     config = TrainConfig(**stage.config["train"], seed=stage.config["seed"])
-    metrics = train_to_dir(out, stage.config["arch"], ctx.info, train, ctx.test, config, oracle=ctx.oracle,
-                           soft_logits=soft_logits, kd=kd, extra_metrics=extra, progress=ctx.progress)
-    # Transfer queries this stage spent itself (the CE baseline's labels); a distilled student's were spent by
-    # its soft-label stage, and are in its metrics.json as teacher_queries_transfer.
-    spent = extra["teacher_queries_labels"] if stage.kind == "ce" else 0
-    return {"teacher_queries": {"transfer": spent, "eval": metrics["teacher_queries_eval"]},
+    metrics = train_student(out, stage.config["arch"], ctx.info, transfer, ctx.test, config, kd=kd,
+                            oracle=ctx.oracle, extra_metrics=extra, progress=ctx.progress)
+    return {"teacher_queries": {"transfer": spent, "eval": metrics["teacher_queries"]["evaluation"]},
             "test_accuracy": metrics["test_accuracy"], "fidelity": metrics["fidelity"]}

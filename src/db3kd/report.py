@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .io import write_text
 from .pipeline import MIXTURES, RESOLVED_RECIPE, SYNTHESIZE, Stage, plan_stages, read_stage
+from .transfer import TransferCost
 
 WHITE_BOX_NOTE = "white-box (reads logits; upper reference)"
 
@@ -31,8 +33,7 @@ def write_report(run_dir: str | Path) -> str:
     recipe = load_recipe(run_dir / RESOLVED_RECIPE, check_files=False)  # the teacher need not be here any more
     stages = plan_stages(recipe)
     results, missing = collect(run_dir, stages)
-    legacy_transfer = "synthesized" if recipe.transfer.zero_shot else f"{recipe.transfer.split} split"
-    rows = summarise(results, default_transfer=legacy_transfer)
+    rows = summarise(results)
     lines = [f"# {recipe.name}", "",
              f"Teacher `{recipe.teacher}`, dataset {recipe.dataset.name} ({_transfer_sentence(recipe, run_dir)}), "
              f"students {', '.join(recipe.students.arch)}, seeds {recipe.students.seeds}.", "",
@@ -49,7 +50,7 @@ def write_report(run_dir: str | Path) -> str:
     if plot is not None:
         lines += [f"![accuracy against teacher queries]({plot.name})", ""]
     text = "\n".join(lines)
-    (run_dir / "report.md").write_text(text)
+    write_text(run_dir / "report.md", text)
     return text
 
 
@@ -63,12 +64,12 @@ def _transfer_sentence(recipe, run_dir: Path) -> str:
         made = (f"{manifest['num_samples']:,} pseudo samples synthesized with {manifest['total_queries']:,} "
                 "teacher queries")
     except (OSError, ValueError, KeyError):
-        made = f"{recipe.transfer.synthesize['per_class']} pseudo samples per class to synthesize"
+        made = f"{recipe.transfer.synthesize.per_class} pseudo samples per class to synthesize"
     if recipe.transfer.mixtures is not None:
         try:
             mixed = json.loads((run_dir / MIXTURES / "manifest.json").read_text())["total_queries"]
         except (OSError, ValueError, KeyError):
-            mixed = recipe.transfer.mixtures["count"]
+            mixed = recipe.transfer.mixtures.count
         made += f", plus {mixed:,} teacher-labelled mixtures of them (one query each; not for standard-kd)"
     return f"zero-shot: no real training image; {made} as transfer set; the test split for evaluation only"
 
@@ -92,11 +93,8 @@ def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[
     return results, missing
 
 
-def summarise(results: list[dict], default_transfer: str = "train split") -> list[dict]:
-    """One row per (label, arch), in first-seen order, with mean and std over seeds.
-
-    `default_transfer` describes the transfer set of students whose metrics predate `transfer_set`.
-    """
+def summarise(results: list[dict]) -> list[dict]:
+    """One row per (label, arch), in first-seen order, with mean and std over seeds."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[r["label"], r["arch"]].append(r)
@@ -104,26 +102,24 @@ def summarise(results: list[dict], default_transfer: str = "train split") -> lis
     rows = []
     for (label, arch), runs in sorted(groups.items(), key=lambda g: order[g[1][0]["kind"]]):
         first = runs[0]
-        samples, mixtures = first.get("transfer_samples"), first.get("mixture_samples", 0)
+        samples, mixtures = first["transfer_samples"], first["mixture_samples"]
+        queries = TransferCost.from_dict(first["teacher_queries"]).total
         rows.append({
             "label": label, "kind": first["kind"], "arch": arch, "seeds": len(runs),
-            "transfer": _transfer_cell(first.get("transfer_set", default_transfer), samples, mixtures),
-            "zero_shot": first.get("transfer_set") == "synthesized",
-            "queries": first.get("teacher_queries_transfer"),
+            "transfer": _transfer_cell(first["transfer_set"], samples, mixtures),
+            "zero_shot": first["transfer_set"] == "synthesized",
+            "queries": queries,
             "accuracy": _stats([r["test_accuracy"] for r in runs]),
             "fidelity": _stats([r.get("fidelity") for r in runs]),
-            "queries_per_sample": None if first.get("white_box") or not samples
-            else first["teacher_queries_transfer"] / (samples + mixtures),
-            "queries_per_pair": first.get("queries_per_pair"),
+            "queries_per_sample": None if first["white_box"] else queries / (samples + mixtures),
+            "queries_per_pair": first["queries_per_pair"],
             "soft_label_seconds": first.get("soft_label_seconds"),
             "train_seconds": _stats([r.get("seconds") for r in runs]),
         })
     return rows
 
 
-def _transfer_cell(kind: str, samples: int | None, mixtures: int = 0) -> str:
-    if samples is None:
-        return kind
+def _transfer_cell(kind: str, samples: int, mixtures: int = 0) -> str:
     if kind != "synthesized":
         return f"{kind}, {samples:,} images"
     return f"synthesized, {samples:,} pseudo samples" + (f" + {mixtures:,} mixtures" if mixtures else "")
@@ -161,19 +157,18 @@ def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
     """Student accuracy against the teacher queries behind its training data, one colour per architecture.
 
     Those queries are the synthesis's and the mixtures' (zero-shot), the labels' and the soft labels'
-    (`teacher_queries_transfer`), so zero-shot and data-based students sit on one axis. The white-box standard-KD reference, which sends
+    (`TransferCost.total`), so zero-shot and data-based students sit on one axis. The white-box standard-KD reference, which sends
     no label query for its labels, is a horizontal line.
     """
     if not rows:
         return None
-    import matplotlib
+    from matplotlib import rcParams
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     plotted = []
-    for colour, arch in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], dict.fromkeys(r["arch"] for r in rows)):
+    for colour, arch in zip(rcParams["axes.prop_cycle"].by_key()["color"], dict.fromkeys(r["arch"] for r in rows)):
         points = sorted((r for r in rows if r["arch"] == arch and r["kind"] in ("distill", "ce") and r["queries"]),
                         key=lambda r: r["queries"])
         for r in points:
@@ -204,5 +199,4 @@ def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

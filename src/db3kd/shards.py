@@ -1,9 +1,9 @@
 """Results written shard by shard, so a long run survives a crash, kill -9 or Ctrl-C and resumes.
 
 A shard store is a directory with `fingerprint.json` (everything that determines the results: teacher,
-method, parameters, seed, sample selection, shard size) and `shards/NNNNN.npz`, each written to a
-temporary file and renamed into place, so a shard file is either complete or absent. A rerun with the
-same fingerprint skips finished shards; a rerun with a different one is refused rather than mixed.
+method, parameters, seed, sample selection, shard size) and `shards/NNNNN.npz`, each written atomically
+(`db3kd.io`), so a shard file is either complete or absent. A rerun with the same fingerprint skips finished
+shards; a rerun with a different one is refused rather than mixed.
 """
 
 from __future__ import annotations
@@ -15,18 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, DataError
-
-
-def save_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
-    """`np.savez` to a temporary file, flushed to disk, then renamed: the file is complete or absent."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+from .io import save_npz, write_json
 
 
 class ShardStore:
@@ -43,15 +32,13 @@ class ShardStore:
         self.shard_dir = self.root / "shards"
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         self._check_fingerprint()
-        for leftover in self.shard_dir.glob("*.tmp*"):
+        for leftover in self.shard_dir.glob("*.tmp"):
             leftover.unlink()  # a shard interrupted mid-write; it will be recomputed
 
     def _check_fingerprint(self) -> None:
         path = self.root / "fingerprint.json"
         if not path.exists():
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path)
+            write_json(path, self.fingerprint)
             return
         try:
             existing = json.loads(path.read_text())
@@ -73,7 +60,7 @@ class ShardStore:
 
     def write(self, shard: int, **arrays: np.ndarray) -> Path:
         """Write one shard atomically: complete or absent, never half-written."""
-        return save_npz_atomic(self.path(shard), **arrays)
+        return save_npz(self.path(shard), **arrays)
 
     def read(self, shard: int) -> dict[str, np.ndarray]:
         path = self.path(shard)

@@ -102,9 +102,14 @@ def train_classifier(
         raise ConfigError("soft_logits and kd go together: pass both for distillation, neither for cross-entropy")
     if soft_logits is not None and len(soft_logits) != len(x_train):
         raise ConfigError(f"expected soft logits for each of the {len(x_train)} images, got {len(soft_logits)}")
+    with torch.random.fork_rng():  # dropout and the like: reproducible from the seed, the caller's RNG untouched
+        torch.manual_seed(config.seed)
+        return _fit(model, x_train, y_train, config, eval_set, progress, soft_logits, kd)
+
+
+def _fit(model, x_train, y_train, config: TrainConfig, eval_set, progress: bool, soft_logits, kd) -> TrainResult:
     device = resolve_device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
     model.to(device)
     x_all = torch.as_tensor(x_train)
     y_all = torch.as_tensor(y_train, dtype=torch.int64)

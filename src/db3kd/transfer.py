@@ -1,33 +1,107 @@
-"""Transfer sets: the images a student learns from, with hard labels and soft-label logits."""
+"""Transfer sets: the images a student learns from, their labels and soft labels, and what they cost.
+
+The cost travels with the data: a `TransferSet` carries a `TransferCost`, the teacher queries that bought its
+rows (synthesis of pseudo samples, labels, soft labels, mixtures), built where the data is read and summed in
+one place (`TransferCost.total`). Students write it to their metrics.json and the report reads it back, so
+the CLI, recipes, the demo and the report all show the same total for the same student.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from .data import load_split
 from .errors import DataError
+from .robustness import distances_to_logits
+
+
+@dataclass(frozen=True)
+class TransferCost:
+    """Teacher queries behind a student's training data, by what bought them.
+
+    Attributes:
+        synthesis: making the pseudo samples (zero-shot), rejection sampling and rounds.
+        labels: top-1 labels of the transfer images (a soft-label run's reference labels included).
+        soft_labels: the boundary searches behind the soft labels.
+        mixtures: teacher-labelled mixtures, one query each.
+        evaluation: the student's fidelity on the test split; reported, not part of `total`.
+    """
+
+    synthesis: int = 0
+    labels: int = 0
+    soft_labels: int = 0
+    mixtures: int = 0
+    evaluation: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every query behind the training data: the headline number of a student."""
+        return self.synthesis + self.labels + self.soft_labels + self.mixtures
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TransferCost:
+        return cls(**{f.name: int(data.get(f.name, 0)) for f in fields(cls)})
 
 
 @dataclass(frozen=True, eq=False)
 class TransferSet:
-    """Images (N, C, H, W), their class c (N,), soft-label logits (N, K), and the manifest that made them."""
+    """Images (N, C, H, W), their class (N,), soft-label logits (N, K) (NaN rows: a hard label only; None: no
+    soft labels at all), and what they cost.
+
+    The last `mixtures` rows are teacher-labelled mixtures (hard labels only); `source` says where the other
+    rows came from ("train split", "synthesized"), `queries_per_pair` what the soft labels cost per (sample,
+    class) pair, `manifest` the soft-label manifest they came from.
+    """
 
     images: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
-    logits: np.ndarray = field(repr=False)
-    manifest: dict
+    logits: np.ndarray | None = field(repr=False)
+    cost: TransferCost
+    source: str
+    mixtures: int = 0
+    queries_per_pair: float | None = None
+    white_box: bool = False
+    manifest: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def samples(self) -> int:
+        """Rows that are not mixtures (real images or pseudo samples)."""
+        return len(self.images) - self.mixtures
+
+    def with_mixtures(self, images: np.ndarray, labels: np.ndarray, queries: int) -> TransferSet:
+        """This set plus teacher-labelled mixtures, which have a hard label but no soft label (NaN logits, so
+        the distillation loss gives them its cross-entropy term only; see `db3kd.losses.KDLoss`)."""
+        if images.shape[1:] != self.images.shape[1:] or len(images) != len(labels):
+            raise DataError(f"expected images shaped {self.images.shape[1:]} with one label each, got {images.shape} "
+                            f"and {len(labels)} labels")
+        logits = self.logits
+        if logits is not None:
+            logits = np.concatenate([logits, np.full((len(images), logits.shape[1]), np.nan, dtype=np.float32)])
+        return replace(self, images=np.concatenate([self.images, images]), labels=np.concatenate([self.labels, labels]),
+                       logits=logits, mixtures=self.mixtures + len(images),
+                       cost=replace(self.cost, mixtures=self.cost.mixtures + int(queries)))
+
+    def description(self) -> dict:
+        """What a student's metrics.json records about its transfer set (the report's transfer column)."""
+        return {"transfer_set": self.source, "transfer_samples": self.samples, "mixture_samples": self.mixtures,
+                "queries_per_pair": self.queries_per_pair, "white_box": self.white_box}
 
 
-def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> TransferSet:
-    """Read the output of `db3kd soft-labels` (soft_labels.npz + manifest.json) from `directory`.
+def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                      checkpoint: int | None = None) -> TransferSet:
+    """The output of `db3kd soft-labels` (soft_labels.npz + manifest.json) in `directory`, as a transfer set.
 
     Images come from the npz itself when it holds them (pseudo samples), else from the dataset split the
-    manifest names, at the stored indices.
+    manifest names, at the stored indices. With `checkpoint` (mbd), the soft labels are those of the distances
+    reached after that many queries per pair, and the cost what they had cost by then.
     """
     directory = Path(directory)
     npz, manifest_path = directory / "soft_labels.npz", directory / "manifest.json"
@@ -42,27 +116,31 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
         raise DataError(f"cannot read the transfer set in {directory}: {e}") from e
     required = ["labels", "logits"] + ([] if "images" in arrays else ["indices"])
     missing = [key for key in required if key not in arrays]
+    missing += [key for key in ("reference_label_queries", "estimator_queries") if key not in manifest]
     if missing:
-        raise DataError(f"{npz} lacks {', '.join(missing)}; is it the output of `db3kd soft-labels`?")
+        raise DataError(f"{directory} lacks {', '.join(missing)}; is it the output of `db3kd soft-labels`?")
     if "images" in arrays:
-        images = arrays["images"]
+        images, source = arrays["images"], "synthesized"
     else:
-        x, _ = load_split(manifest["dataset"], manifest.get("split", "train"), data_dir)
-        images = x[arrays["indices"]]
-    logits = arrays["logits"].astype(np.float32)
+        split = manifest.get("split", "train")
+        x, _ = load_split(manifest["dataset"], split, data_dir)
+        images, source = x[arrays["indices"]], f"{split} split"
+    labels = arrays["labels"].astype(np.int64)
+    logits, spent = arrays["logits"], int(manifest["estimator_queries"])
+    queries_per_pair = manifest.get("queries_per_pair")
+    if checkpoint is not None:
+        if "checkpoints" not in arrays or checkpoint not in arrays["checkpoints"]:
+            raise DataError(f"{npz} holds no distances at {checkpoint} queries per pair")
+        at = list(arrays["checkpoints"]).index(checkpoint)
+        logits = distances_to_logits(arrays["distances_at"][at], labels)
+        capped = np.minimum(arrays["queries"], checkpoint)  # (N, K) what each pair had spent by then
+        estimated = arrays["queries"] > 0
+        spent, queries_per_pair = int(capped.sum()), float(capped[estimated].mean()) if estimated.any() else 0.0
+    logits = logits.astype(np.float32)
     if not np.isfinite(logits).all():
         raise DataError(f"{npz}: soft-label logits contain NaN or inf")
-    if not (len(images) == len(arrays["labels"]) == len(logits)):
-        raise DataError(f"{npz}: expected as many images, labels and logits, got {len(images)}, {len(arrays['labels'])}, {len(logits)}")
-    return TransferSet(images=images, labels=arrays["labels"].astype(np.int64), logits=logits, manifest=manifest)
-
-
-def with_hard_labels(transfer: TransferSet, images: np.ndarray, labels: np.ndarray) -> TransferSet:
-    """`transfer` plus `images` that have a teacher label but no soft label (their logits are NaN, so the
-    distillation loss gives them its cross-entropy term only; see `db3kd.losses.KDLoss`)."""
-    if images.shape[1:] != transfer.images.shape[1:] or len(images) != len(labels):
-        raise DataError(f"expected images shaped {transfer.images.shape[1:]} with one label each, got {images.shape} "
-                        f"and {len(labels)} labels")
-    nan = np.full((len(images), transfer.logits.shape[1]), np.nan, dtype=np.float32)
-    return TransferSet(images=np.concatenate([transfer.images, images]), labels=np.concatenate([transfer.labels, labels]),
-                       logits=np.concatenate([transfer.logits, nan]), manifest=transfer.manifest)
+    if not (len(images) == len(labels) == len(logits)):
+        raise DataError(f"{npz}: expected as many images, labels and logits, got {len(images)}, {len(labels)}, {len(logits)}")
+    cost = TransferCost(synthesis=int(manifest.get("synthesis_queries", 0)),
+                        labels=int(manifest["reference_label_queries"]), soft_labels=spent)
+    return TransferSet(images, labels, logits, cost, source, queries_per_pair=queries_per_pair, manifest=manifest)

@@ -76,18 +76,16 @@ class WhiteBoxTeacher:
 
     @classmethod
     def _from_onnx(cls, path, threads: int | None) -> "WhiteBoxTeacher":
-        # Reuses the label-only backend's loading and metadata rules (shape, classes, bounds), then its session:
-        # this module may look inside a backend, never the other way round.
-        from .teachers.onnx_backend import OnnxBackend
+        # The label-only backend's loading and metadata rules (shape, classes, bounds), then its scores:
+        # this module may read a model's scores, no label-only module reads them through it.
+        from .teachers.onnx_backend import open_onnx
 
-        labels_only = OnnxBackend(path, threads=threads)
-        session, input_name = labels_only._session, labels_only._input_name
+        model = open_onnx(path, threads=threads)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(session.run(None, {input_name: x.detach().cpu().numpy()})[0])
+            return torch.from_numpy(model.scores(x.detach().cpu().numpy()))
 
-        return cls(forward, labels_only.input_shape, labels_only.num_classes, labels_only.bounds,
-                   f"white-box onnx:{path}")
+        return cls(forward, model.input_shape, model.num_classes, model.bounds, f"white-box onnx:{path}")
 
     def logits(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Float32 logits (N, K) for a float32 batch (N, C, H, W), on x's device (CPU for NumPy input)."""

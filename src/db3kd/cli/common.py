@@ -13,12 +13,11 @@ def add_teacher_args(parser: argparse.ArgumentParser, required: bool = True) -> 
                         help="bearer token for a label service (default: $DB3KD_API_KEY)")
 
 
-def open_teacher(spec: str, api_key: str | None = None, budget: int | None = None):
-    """A `LabelOracle` for a teacher spec; the API key goes only to HTTP services."""
-    from ..teachers import open_oracle
+def teacher_spec(args):
+    """The parsed `--teacher` (with `--api-key`), or None when not given."""
+    from ..teachers import TeacherSpec
 
-    options = {"api_key": api_key} if api_key and spec.startswith(("http://", "https://")) else {}
-    return open_oracle(spec, budget=budget, **options)
+    return None if args.teacher is None else TeacherSpec.parse(args.teacher, args.api_key)
 
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -30,7 +29,7 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
 
 
 def add_budget_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget-total", "--max-queries", dest="max_queries", type=int, metavar="TOTAL",
+    parser.add_argument("--budget-total", dest="budget", type=int, metavar="TOTAL",
                         help="stop (resumably) once the teacher has seen this many images in this invocation, "
                              "summed over every worker of a distributed run")
 
@@ -42,7 +41,7 @@ def add_executor_args(parser: argparse.ArgumentParser, default: str | None = "lo
     group.add_argument("--executor", choices=("local", "ray"), default=default,
                        help=f"local: in this process ({default_note}); ray: each shard a Ray task with its own oracle, "
                             "on a Ray cluster (needs pip install 'db3kd[ray]')")
-    group.add_argument("--ray-address", metavar="auto|HOST:PORT|local",
+    group.add_argument("--ray-address", dest="address", metavar="auto|HOST:PORT|local",
                        help="the Ray cluster to join: auto (the one started on this machine with `ray start --head`), "
                             "its head's HOST:PORT, or local (a new Ray instance on this machine alone); default: "
                             "$RAY_ADDRESS, else the latest cluster started here, else a new instance")
@@ -52,17 +51,27 @@ def add_executor_args(parser: argparse.ArgumentParser, default: str | None = "lo
                        help="further attempts at a shard whose Ray worker died (default 3)")
 
 
-def make_executor(args):
-    """The executor the command line asks for; refuses Ray options without --executor ray."""
-    from ..errors import ConfigError
-    from ..executors import LocalExecutor, RayExecutor, TeacherSource
+def make_executor(args, base=None):
+    """The executor the command line asks for (`--executor` and the Ray options over `base`, a recipe's
+    `ExecutorConfig`); Ray options are refused for a local executor."""
+    return executor_config(args, base).build(teacher_spec(args))
 
-    if args.executor == "local":
-        for flag, value in (("--ray-address", args.ray_address), ("--workers", args.workers),
-                            ("--max-retries", args.max_retries)):
-            if value is not None:
-                raise ConfigError(f"{flag} applies to --executor ray only")
-        return LocalExecutor()
-    retries = 3 if args.max_retries is None else args.max_retries
-    return RayExecutor(TeacherSource.from_spec(args.teacher, args.api_key), address=args.ray_address,
-                       workers=args.workers, max_retries=retries)
+
+def executor_config(args, base=None):
+    """`base` (default local) overridden by `--executor` and the Ray options; errors name the option."""
+    from dataclasses import replace
+
+    from ..errors import ConfigError
+    from ..executors import ExecutorConfig
+
+    flags = {"address": "--ray-address", "workers": "--workers", "max_retries": "--max-retries"}
+    given = {key: getattr(args, key) for key in flags if getattr(args, key) is not None}
+    base = base or ExecutorConfig()
+    kind = args.executor or base.kind
+    if kind == "local" and given:
+        raise ConfigError(f"{flags[next(iter(given))]} applies to --executor ray only")
+    try:
+        return replace(base if kind == base.kind else ExecutorConfig(), kind=kind, **given)
+    except ConfigError as e:
+        name, _, rest = str(e).partition(": ")
+        raise ConfigError(f"{flags.get(name, name)}: {rest}") from None

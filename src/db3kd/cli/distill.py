@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_data_args, add_teacher_args, open_teacher
+from .common import add_data_args, add_teacher_args, teacher_spec
 
 
 def register(subparsers) -> None:
@@ -36,28 +36,30 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..data import dataset_info, load_split
-    from ..jobs import train_to_dir
+    from ..jobs.mixtures import load_mixtures
+    from ..jobs.students import train_student
     from ..losses import KDLoss
+    from ..oracle import open_oracle
     from ..training import TrainConfig
-    from ..mixtures import load_mixtures
-    from ..transfer import load_transfer_set, with_hard_labels
+    from ..transfer import load_transfer_set
 
     kd = KDLoss(temperature=args.temperature, ce_weight=args.ce_weight, kd_weight=args.kd_weight,
                 t2_scaling=args.t2_scaling, reduction=args.kd_reduction)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     transfer = load_transfer_set(args.transfer, args.data_dir)
     test = load_split(args.dataset, "test", args.data_dir)
-    teacher = args.teacher or transfer.manifest.get("teacher")  # fidelity is measured against the same teacher
-    oracle = open_teacher(teacher, args.api_key) if teacher and not args.no_fidelity else None
-    extra = {"transfer": str(args.transfer), "method": transfer.manifest.get("method"),
-             "teacher": teacher, "teacher_queries_transfer": transfer.manifest.get("total_queries")}
+    if args.teacher is None:  # fidelity is measured against the same teacher
+        args.teacher = transfer.manifest.get("teacher")
+    oracle = open_oracle(teacher_spec(args)) if args.teacher and not args.no_fidelity else None
+    extra = {"transfer": str(args.transfer), "method": transfer.manifest.get("method"), "teacher": args.teacher}
     if args.mixtures:
         images, labels, mixed = load_mixtures(args.mixtures)
-        transfer = with_hard_labels(transfer, images, labels)
-        extra.update(mixtures=str(args.mixtures), teacher_queries_mixtures=mixed["total_queries"])
-    metrics = train_to_dir(args.out, args.student, dataset_info(args.dataset), (transfer.images, transfer.labels), test,
-                           config, oracle=oracle, soft_logits=transfer.logits, kd=kd, extra_metrics=extra)
+        transfer = transfer.with_mixtures(images, labels, mixed["total_queries"])
+        extra["mixtures"] = str(args.mixtures)
+    metrics = train_student(args.out, args.student, dataset_info(args.dataset), transfer, test, config, kd=kd,
+                            oracle=oracle, extra_metrics=extra)
     fidelity = f", fidelity {metrics['fidelity']:.4f}" if "fidelity" in metrics else ""
     print(f"{args.student} distilled from {len(transfer.images)} samples ({extra['method']} soft labels): test accuracy "
-          f"{metrics['test_accuracy']:.4f} (best {metrics['best_test_accuracy']:.4f}){fidelity}; wrote {args.out}")
+          f"{metrics['test_accuracy']:.4f} (best {metrics['best_test_accuracy']:.4f}){fidelity}; "
+          f"{metrics['teacher_queries']['total']:,} teacher queries behind its training data; wrote {args.out}")
     return 0

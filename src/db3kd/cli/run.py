@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
-from .common import add_executor_args
+from .common import add_executor_args, executor_config
 
 
 def register(subparsers) -> None:
@@ -22,40 +23,18 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def executor_override(recipe, args):
-    """`recipe` with its `executor` overridden by the command line's --executor and Ray options.
-
-    --executor local drops the recipe's Ray settings; the Ray options apply to a ray executor only (the
-    recipe's or --executor ray's).
-    """
-    import dataclasses
-
-    from ..errors import ConfigError
-    from ..recipe import ExecutorSpec, _FieldError
-
-    flags = {"address": ("--ray-address", args.ray_address), "workers": ("--workers", args.workers),
-             "max_retries": ("--max-retries", args.max_retries)}
-    given = {key: value for key, (_, value) in flags.items() if value is not None}
-    if args.executor is None and not given:
-        return recipe
-    base = recipe.executor if args.executor in (None, recipe.executor.kind) else ExecutorSpec()
-    kind = args.executor or recipe.executor.kind
-    if kind == "local" and given:
-        flag = flags[next(iter(given))][0]
-        raise ConfigError(f"{flag} applies to --executor ray only (the recipe's executor is local)")
-    try:
-        spec = dataclasses.replace(base, kind=kind, **given)
-    except _FieldError as e:
-        raise ConfigError(f"{flags[e.name][0]}: {e.message}") from None
-    return dataclasses.replace(recipe, executor=spec)
-
-
 def run(args) -> int:
     from ..pipeline import run_recipe
     from ..recipe import load_recipe
 
-    recipe = executor_override(load_recipe(args.recipe), args)
-    records = run_recipe(recipe, args.out, api_key=args.api_key, progress=not args.quiet)
+    recipe = load_recipe(args.recipe)
+    recipe = dataclasses.replace(recipe, executor=executor_config(args, recipe.executor))
+
+    def show(i: int, n: int, record) -> None:
+        took = "" if record.status == "skipped" else f" ({record.seconds:.1f} s)"
+        print(f"[{i}/{n}] {record.name}: {record.status}{took}", flush=True)
+
+    records = run_recipe(recipe, args.out, api_key=args.api_key, progress=not args.quiet, on_stage=show)
     run_dir = args.out or recipe.run_dir
     done = sum(r.status == "done" for r in records)
     print(f"{recipe.name}: {done} stage(s) run, {len(records) - done} up to date; results in {run_dir}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_budget_arg, add_data_args, add_executor_args, add_teacher_args, make_executor, open_teacher
+from .common import add_budget_arg, add_data_args, add_executor_args, add_teacher_args, make_executor, teacher_spec
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     chosen.add_argument("--subset", type=int, metavar="N", help="the first N samples of the split")
     chosen.add_argument("--indices", metavar="FILE", help="dataset indices, one per line, or a .npy of integers")
     parser.add_argument("--method", choices=("sd", "bd", "mbd"), required=True)
-    parser.add_argument("--budget", type=int, metavar="Q", help="queries per (sample, target) pair at most")
+    parser.add_argument("--queries-per-pair", type=int, metavar="Q", help="queries per (sample, target) pair at most")
     parser.add_argument("--checkpoints", metavar="Q1,Q2,...",
                         help="mbd: also record the distance reached at these queries per pair, e.g. 250,500,1000")
     add_budget_arg(parser)
@@ -40,10 +40,10 @@ def estimator_params(args) -> dict:
     from ..errors import ConfigError
 
     params = {}
-    if args.budget is not None:
+    if args.queries_per_pair is not None:
         if args.method == "sd":
-            raise ConfigError("--budget does not apply to --method sd, which spends no queries")
-        params["max_queries" if args.method == "bd" else "budget"] = args.budget
+            raise ConfigError("--queries-per-pair does not apply to --method sd, which spends no queries")
+        params["queries_per_pair"] = args.queries_per_pair
     if args.checkpoints:
         if args.method != "mbd":
             raise ConfigError("--checkpoints applies to --method mbd only")
@@ -51,9 +51,10 @@ def estimator_params(args) -> dict:
             params["checkpoints"] = [int(q) for q in args.checkpoints.split(",")]
         except ValueError:
             raise ConfigError(f"--checkpoints: expected comma-separated integers like 250,500,1000, got {args.checkpoints!r}") from None
-    elif args.method == "mbd" and args.budget is not None:
-        # Without --checkpoints: the usual ones below the budget, and the budget itself.
-        params["checkpoints"] = [q for q in (250, 500, 1000, 2000) if q < args.budget] + [args.budget]
+    elif args.method == "mbd" and args.queries_per_pair is not None:
+        # Without --checkpoints: the usual ones below the per-pair cap, and the cap itself.
+        q = args.queries_per_pair
+        params["checkpoints"] = [c for c in (250, 500, 1000, 2000) if c < q] + [q]
     return params
 
 
@@ -62,7 +63,8 @@ def run(args) -> int:
 
     from ..data import load_split
     from ..errors import ConfigError
-    from ..soft_labels import SoftLabelConfig, check_indices, compute_soft_labels, read_indices
+    from ..jobs.soft_labels import SoftLabelConfig, check_indices, compute_soft_labels, digest, read_indices
+    from ..oracle import open_oracle
 
     config = SoftLabelConfig(method=args.method, params=estimator_params(args), seed=args.seed,
                              shard_size=args.shard_size, save_points=args.save_points)
@@ -70,13 +72,14 @@ def run(args) -> int:
     if (args.dataset is None) == (args.pseudo is None):
         raise ConfigError("expected exactly one of --dataset (real samples) or --pseudo DIR (synthesized samples), "
                           f"got {'both' if args.dataset else 'neither'}")
-    reference_y = None
+    pseudo = {}
     if args.pseudo:
-        from ..synthesis import load_pseudo_samples
+        from ..jobs.synthesis import load_pseudo_samples
 
-        x, reference_y, _ = load_pseudo_samples(args.pseudo)
+        x, reference_y, synthesis = load_pseudo_samples(args.pseudo)
         run_info = {"teacher": args.teacher, "pseudo": str(args.pseudo), "split": "pseudo",
-                    "pseudo_sha256": _digest(x, reference_y)}
+                    "pseudo_sha256": digest(x, reference_y)}
+        pseudo = {"reference_y": reference_y, "store_images": True, "synthesis_queries": synthesis["total_queries"]}
     else:
         x, _ = load_split(args.dataset, args.split, args.data_dir)
         run_info = {"teacher": args.teacher, "dataset": args.dataset, "split": args.split}
@@ -88,17 +91,11 @@ def run(args) -> int:
         indices = np.arange(args.subset)
     else:
         indices = check_indices(np.arange(len(x)), len(x))
-    oracle = open_teacher(args.teacher, args.api_key, budget=args.max_queries)
-    manifest = compute_soft_labels(oracle, x, indices, config, args.out, run_info, reference_y=reference_y,
-                                   store_images=reference_y is not None, executor=executor)
+    teacher = teacher_spec(args)
+    with teacher.thread_policy():
+        manifest = compute_soft_labels(open_oracle(teacher, budget=args.budget), x, indices, config, args.out,
+                                       run_info, executor=executor, **pseudo)
     print(f"{manifest['method']} soft labels for {manifest['num_samples']} samples: median distance "
           f"{manifest['median_distance']:.3f}, {manifest['queries_per_pair']:.1f} queries per pair, "
           f"{manifest['total_queries']} teacher queries in all; wrote {args.out}/soft_labels.npz and manifest.json")
     return 0
-
-
-def _digest(x, y) -> str:
-    """SHA-256 of pseudo samples and labels: a rerun on regenerated samples is refused, not mixed."""
-    import hashlib
-
-    return hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()

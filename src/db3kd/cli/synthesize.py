@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_budget_arg, add_executor_args, add_teacher_args, make_executor, open_teacher
+from .common import add_budget_arg, add_executor_args, add_teacher_args, make_executor, teacher_spec
 
 
 def register(subparsers) -> None:
@@ -16,7 +16,7 @@ def register(subparsers) -> None:
                     "command after an interruption resumes.")
     add_teacher_args(parser)
     parser.add_argument("--per-class", type=int, required=True, metavar="N", help="pseudo samples per class")
-    parser.add_argument("--budget-per-sample", type=int, default=2000, metavar="Q",
+    parser.add_argument("--queries-per-sample", type=int, default=2000, metavar="Q",
                         help="teacher queries per sample over all rounds (default 2000; rejection sampling apart)")
     parser.add_argument("--rounds", type=int, default=8, metavar="R", help="boundary-push rounds (default 8)")
     parser.add_argument("--step", type=float, default=2.0,
@@ -40,29 +40,22 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import torch
-
-    from ..mixtures import MixtureConfig, label_mixtures
-    from ..synthesis import SynthesisConfig, load_pseudo_samples, synthesize
+    from ..jobs.mixtures import MixtureConfig, label_mixtures
+    from ..jobs.synthesis import SynthesisConfig, load_pseudo_samples, synthesize
+    from ..oracle import open_oracle
 
     mixtures = None if args.mixtures == 0 else MixtureConfig(
         count=args.mixtures, max_shift=args.mixture_max_shift, min_brightness=args.mixture_min_brightness, seed=args.seed)
-    config = SynthesisConfig(per_class=args.per_class, budget_per_sample=args.budget_per_sample, rounds=args.rounds,
+    config = SynthesisConfig(per_class=args.per_class, queries_per_sample=args.queries_per_sample, rounds=args.rounds,
                              step=args.step, max_draws=args.max_draws, seed=args.seed, shard_size=args.shard_size)
     executor = make_executor(args)  # before any query: a missing Ray or a bad option costs nothing
-    oracle = open_teacher(args.teacher, args.api_key, budget=args.max_queries)
-    threads = torch.get_num_threads()
-    if not args.teacher.lower().endswith((".pt", ".pth")):
-        # torch only does the searches' small-batch bookkeeping here; its idle OpenMP threads would spin
-        # against ONNX Runtime's on the same cores (measured on 2 loaded cores: 6x slower).
-        torch.set_num_threads(1)
-    try:
+    teacher = teacher_spec(args)
+    oracle = open_oracle(teacher, budget=args.budget)
+    with teacher.thread_policy():
         manifest = synthesize(oracle, config, args.out, {"teacher": args.teacher}, executor=executor)
         if mixtures is not None:
             mixed = label_mixtures(oracle, load_pseudo_samples(args.out)[0], mixtures, Path(args.out) / "mixtures",
                                    {"teacher": args.teacher}, executor=executor)
-    finally:
-        torch.set_num_threads(threads)
     rates = manifest["acceptance_rates"].values()
     first, last = (f"{d:.3f}" if d is not None else "n/a"
                    for d in (manifest["mean_initial_distance"], manifest["mean_distance_per_round"][-1]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_args, add_teacher_args, open_teacher
+from .common import add_data_args, add_teacher_args, teacher_spec
 
 
 def register(subparsers) -> None:
@@ -38,33 +38,39 @@ def _add_training_args(parser: argparse.ArgumentParser, default_arch: str) -> No
     parser.add_argument("--out", required=True, help="run directory to write")
 
 
-def _train(args, oracle=None, labels: str = "dataset") -> int:
+def _train(args, labels: str = "dataset") -> int:
     from ..data import load_dataset
-    from ..jobs import teacher_labels, train_to_dir
+    from ..jobs.students import teacher_labels, train_student
+    from ..oracle import open_oracle
     from ..training import TrainConfig
+    from ..transfer import TransferCost, TransferSet
 
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     data = load_dataset(args.dataset, args.data_dir)
-    targets, extra, soft_logits, kd = data.y_train, {"labels": labels}, None, None
+    extra, kd = {"labels": labels}, None
+    if labels == "whitebox-logits":  # before the oracle: a label service is refused before any connection
+        from ..losses import KDLoss
+        from ..standard_kd import standard_kd_transfer
+
+        transfer = standard_kd_transfer(teacher_spec(args), data.x_train, "train split")
+        kd = KDLoss(temperature=args.temperature)
+    oracle = open_oracle(teacher_spec(args)) if getattr(args, "teacher", None) else None
     if labels == "teacher":
         targets, queries = teacher_labels(oracle, data.x_train)
-        extra.update(teacher_queries_transfer=queries, train_label_agreement=float((targets == data.y_train).mean()))
-    elif labels == "whitebox-logits":
-        from ..losses import KDLoss
-        from ..whitebox import WhiteBoxTeacher, logits_in_batches
-
-        soft_logits = logits_in_batches(WhiteBoxTeacher.from_file(args.teacher), data.x_train)
-        kd = KDLoss(temperature=args.temperature)
-        extra["white_box"] = "standard KD: read the teacher's logits (upper reference, not label-only)"
+        transfer = TransferSet(data.x_train, targets, None, TransferCost(labels=queries), "train split")
+        extra["train_label_agreement"] = float((targets == data.y_train).mean())
+    elif labels == "dataset":
+        transfer = TransferSet(data.x_train, data.y_train, None, TransferCost(), "train split (dataset labels)")
     if oracle is not None:
         extra["teacher"] = oracle.name
-    metrics = train_to_dir(args.out, args.arch, data.info, (data.x_train, targets), (data.x_test, data.y_test),
-                           config, oracle=oracle, soft_logits=soft_logits, kd=kd, extra_metrics=extra)
+    metrics = train_student(args.out, args.arch, data.info, transfer, (data.x_test, data.y_test), config, kd=kd,
+                            oracle=oracle, extra_metrics=extra)
     print(f"{args.arch} on {args.dataset}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
           f"({metrics['seconds']:.0f} s); wrote {args.out}/model.pt, model.onnx, metrics.json, curve.png")
     if oracle is not None:
-        print(f"fidelity to the teacher {metrics['fidelity']:.4f}; teacher queries: "
-              f"{metrics.get('teacher_queries_transfer', 0)} for labels, {metrics['teacher_queries_eval']} for evaluation")
+        cost = metrics["teacher_queries"]
+        print(f"fidelity to the teacher {metrics['fidelity']:.4f}; teacher queries: {cost['labels']} for labels, "
+              f"{cost['evaluation']} for evaluation")
     return 0
 
 
@@ -77,8 +83,4 @@ def run_student(args) -> int:
 
     if args.labels != "dataset" and not args.teacher:
         raise ConfigError(f"--labels {args.labels} needs --teacher SPEC (a model.pt, model.onnx or http(s):// URL)")
-    if args.labels == "whitebox-logits" and args.teacher.startswith(("http://", "https://")):
-        raise ConfigError("--labels whitebox-logits reads logits, which a label service does not give: "
-                          "pass the teacher's model.pt or model.onnx")
-    oracle = open_teacher(args.teacher, args.api_key) if args.teacher else None
-    return _train(args, oracle, labels=args.labels)
+    return _train(args, labels=args.labels)

@@ -6,9 +6,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import BudgetExceededError, ConfigError
-from ._common import RobustnessResult, fraction, pair_seeds, positive_int
-from .boundary import BoundaryDistance, PairRun, PairView, prepare, segment_points
+from ..errors import ConfigError
+from .base import (
+    Chunk, Estimator, LabelQueries, PairRun, Pairs, RobustnessResult, fraction, pair_seeds, positive_int,
+    segment_points,
+)
+from .boundary import BoundaryDistance
 
 # Random probe directions shared by all pairs; each pair walks the bank from its own offset, wrapping
 # around only beyond ~4096 probes per pair (budgets above ~4000 queries).
@@ -16,7 +19,7 @@ _BANK_SIZE = 4096
 _FIRST_GUESS = 0.85  # first bisection point, as a fraction of the previous distance
 
 
-class MinimalBoundaryDistance:
+class MinimalBoundaryDistance(Estimator):
     """Minimal boundary distance (DB3KD's `MBD`): BD, then walk the best BD point along the boundary toward x.
 
     Each iteration, at the current boundary point p (labelled t, at distance d from x):
@@ -37,14 +40,14 @@ class MinimalBoundaryDistance:
        previous distance, where the boundary usually is just beyond), giving the next p.
     The best point labelled t ever seen is kept, so the distance never grows.
 
-    BD's queries count toward `budget`. Distances at each of `checkpoints` (queries per pair) are recorded
-    in the same run. Each pair's random probes come from (seed, its sample's pixels, its target), so a pair
+    BD's queries count toward `queries_per_pair`. Distances at each of `checkpoints` (queries per pair) are recorded
+    in the same run. Each pair's random probes come from (the call's seed, its sample's pixels, its target), so a pair
     gets the same result alone or inside any batch. The principal directions come from `reference_x`, so
     they change with the reference set (training images, or pseudo samples later).
 
     Args:
-        budget: queries per pair at most, BD included.
-        checkpoints: queries per pair at which to record the best distance so far (each <= budget).
+        queries_per_pair: queries per pair at most, BD included.
+        checkpoints: queries per pair at which to record the best distance so far (each <= queries_per_pair).
         probes: probes per normal estimate.
         subspace: "pca", the side of a probe grid upsampled bilinearly to the image, or None (pixels).
         components: principal directions used with "pca" (fewer if the references span fewer).
@@ -53,18 +56,21 @@ class MinimalBoundaryDistance:
         tolerance: relative bisection tolerance.
         max_halvings: most step halvings per iteration.
         bd: the BoundaryDistance that gives the start point (default settings if None).
-        seed: seeds the probe directions.
         batch_pairs: pairs worked on at once; bounds memory.
     """
 
-    def __init__(self, budget: int = 500, checkpoints=(250, 500), probes: int = 32, subspace: str | int | None = "pca",
-                 components: int = 70, delta: float = 0.1, step: float = 0.3, tolerance: float = 0.005,
-                 max_halvings: int = 6,
-                 bd: BoundaryDistance | None = None, seed: int = 0, batch_pairs: int = 1024):
-        self.budget = positive_int(budget, "budget")
+    keeps_points = True  # the walk starts from the BD points
+
+    def __init__(self, queries_per_pair: int = 500, checkpoints=(250, 500), probes: int = 32,
+                 subspace: str | int | None = "pca", components: int = 70, delta: float = 0.1, step: float = 0.3,
+                 tolerance: float = 0.005, max_halvings: int = 6, bd: BoundaryDistance | None = None,
+                 batch_pairs: int = 1024):
+        self.queries_per_pair = positive_int(queries_per_pair, "queries_per_pair")
         self.checkpoints = tuple(positive_int(c, "each checkpoint") for c in checkpoints)
-        if any(c > self.budget for c in self.checkpoints) or list(self.checkpoints) != sorted(set(self.checkpoints)):
-            raise ConfigError(f"checkpoints must be increasing and <= budget {self.budget}, got {checkpoints!r}")
+        if (any(c > self.queries_per_pair for c in self.checkpoints)
+                or list(self.checkpoints) != sorted(set(self.checkpoints))):
+            raise ConfigError(f"checkpoints must be increasing and <= queries_per_pair {self.queries_per_pair}, "
+                              f"got {checkpoints!r}")
         self.probes = positive_int(probes, "probes")
         if subspace is not None and subspace != "pca":
             subspace = positive_int(subspace, "subspace (a grid side, 'pca' or None)")
@@ -77,57 +83,42 @@ class MinimalBoundaryDistance:
         self.bd = BoundaryDistance() if bd is None else bd
         if not isinstance(self.bd, BoundaryDistance):
             raise ConfigError(f"bd must be a BoundaryDistance, got {type(self.bd).__name__}")
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-            raise ConfigError(f"seed must be an integer, got {seed!r}")
-        self.seed = int(seed)
         self.batch_pairs = positive_int(batch_pairs, "batch_pairs")
+        self._bank_cache: tuple = (None, None)  # (key, bank): a grid or pixel bank does not depend on the references
 
-    def __repr__(self) -> str:
-        return (f"MinimalBoundaryDistance(budget={self.budget}, checkpoints={self.checkpoints}, probes={self.probes}, "
-                f"subspace={self.subspace!r}, components={self.components}, delta={self.delta}, step={self.step}, tolerance={self.tolerance}, "
-                f"bd={self.bd!r}, seed={self.seed})")
+    @property
+    def directions(self) -> int:
+        return self.bd.max_directions
 
-    def __call__(self, oracle, x, labels, reference_x, reference_y, targets=None,
-                 return_points: bool = False) -> RobustnessResult:
-        """Distances (N, K) after at most `budget` queries per pair, and at each checkpoint.
-
-        Queries are sent with oracle id `i * K + t` for pair (i, t), as in `BoundaryDistance`. If the
-        oracle's budget runs out, the run stops and the result (flagged `budget_exhausted`) keeps what was
-        found; checkpoints not reached by a pair hold its best distance at the stop.
-        """
-        xt, pairs, ref, index, dist = prepare(oracle, x, labels, reference_x, reference_y, targets,
-                                              self.bd.max_directions)
-        run = PairRun(xt, pairs, return_points=True)  # MBD walks from the BD points, so it always keeps them
+    def _begin(self, oracle: LabelQueries, x: torch.Tensor, pairs: Pairs, reference_x: torch.Tensor, seed: int):
         at = torch.full((len(self.checkpoints), len(pairs)), float("inf"), dtype=torch.float64)
-        seeds = pair_seeds(xt, pairs, self.seed)
-        bank = self._probe_bank(oracle.input_shape, ref)
-        bd_queries = min(self.bd.max_queries, self.budget)
-        bd = BoundaryDistance(self.bd.max_directions, self.bd.tolerance, bd_queries, self.bd.batch_pairs)
-        try:
-            for start in range(0, len(pairs), self.batch_pairs):
-                chunk = slice(start, start + self.batch_pairs)
-                ps, pt = pairs.sample[chunk], pairs.target[chunk]
-                out = run.view(chunk)
-                bd.search(oracle, xt[ps], pt, ref, index[ps, pt], dist[ps, pt], out)
-                self._record(at[:, chunk], out, torch.arange(len(out.ids)))
-                offsets = torch.from_numpy(seeds[chunk] % _BANK_SIZE)
-                self._walk(oracle, xt[ps], pt, out, at[:, chunk], bank, offsets)
-        except BudgetExceededError:
-            run.budget_exhausted = True
-            # Pairs stopped mid-iteration: their latest best counts for every checkpoint not yet passed.
-            self._record(at, run, torch.arange(len(pairs)))
+        offsets = torch.from_numpy(pair_seeds(x, pairs, seed) % _BANK_SIZE)
+        return at, offsets, self.probe_bank(oracle.input_shape, reference_x, seed)
+
+    def _search(self, oracle: LabelQueries, chunk: Chunk, run: PairRun, state) -> None:
+        at, offsets, bank = state
+        self.bd.search(oracle, chunk, run, self.queries_per_pair)
+        self._record(at, run, chunk.rows)
+        self._walk(oracle, chunk, run, at, bank, offsets[chunk.rows])
+
+    def _end(self, run: PairRun, state) -> RobustnessResult:
+        at, _, _ = state
+        if run.budget_exhausted:  # pairs stopped mid-iteration: their latest best counts for every checkpoint left
+            self._record(at, run, torch.arange(len(run.best)))
         result = run.result(checkpoints=self.checkpoints)
-        s, t = pairs.sample.numpy(), pairs.target.numpy()
+        s, t = run.pairs.sample.numpy(), run.pairs.target.numpy()
         result.distances_at = np.full((len(self.checkpoints), *result.distances.shape), np.inf)
         result.distances_at[:, s, t] = at.numpy()
-        if not return_points:
-            result.points = None
         return result
 
-    def _probe_bank(self, input_shape, reference_x: torch.Tensor) -> torch.Tensor:
-        """(_BANK_SIZE, C, H, W) unit-norm random directions in the chosen subspace."""
+    def probe_bank(self, input_shape, reference_x: torch.Tensor, seed: int) -> torch.Tensor:
+        """(_BANK_SIZE, C, H, W) unit-norm random directions in the chosen subspace (made once per seed on a
+        grid or in pixels; from the references' principal directions with "pca")."""
+        key = (tuple(input_shape), seed)
+        if self.subspace != "pca" and self._bank_cache[0] == key:
+            return self._bank_cache[1]
         c, h, w = input_shape
-        gen = torch.Generator().manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(seed)
         if self.subspace is None:
             bank = torch.randn((_BANK_SIZE, c, h, w), generator=gen)
         elif self.subspace == "pca":
@@ -138,54 +129,56 @@ class MinimalBoundaryDistance:
         else:
             small = torch.randn((_BANK_SIZE, c, self.subspace, self.subspace), generator=gen)
             bank = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-        return bank / bank.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        bank = bank / bank.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        self._bank_cache = (key, bank)
+        return bank
 
-    def _record(self, at: torch.Tensor, out: PairView | PairRun, rows: torch.Tensor) -> None:
+    def _record(self, at: torch.Tensor, run: PairRun, rows: torch.Tensor) -> None:
         """Best distance so far for each checkpoint the pairs `rows` have not passed yet."""
         for c, checkpoint in enumerate(self.checkpoints):
-            within = rows[out.queries[rows] <= checkpoint]
-            at[c, within] = out.best[within]
+            within = rows[run.queries[rows] <= checkpoint]
+            at[c, within] = run.best[within]
 
-    def _walk(self, oracle, x, target, out: PairView, at, bank, offsets) -> None:
-        """HopSkipJump-style iterations from each pair's best BD point until its budget is spent."""
-        p = len(x)
-        step = torch.full((p,), self.step, dtype=torch.float64)
+    def _walk(self, oracle, chunk: Chunk, run: PairRun, at, bank, offsets) -> None:
+        """HopSkipJump-style iterations from each pair's best BD point until its queries are spent."""
+        rows = chunk.rows
+        step = torch.full((len(rows),), self.step, dtype=torch.float64)
         # Each iteration spends at least `probes` + 1 queries per active pair, which bounds the loop.
-        for iteration in range(self.budget // (self.probes + 1) + 1):
+        for iteration in range(self.queries_per_pair // (self.probes + 1) + 1):
             # Needs room for the probes, one step check and a few bisection queries.
-            active = torch.isfinite(out.best) & (out.queries + self.probes + 4 <= self.budget)
+            active = torch.isfinite(run.best[rows]) & (run.queries[rows] + self.probes + 4 <= self.queries_per_pair)
             a = active.nonzero().flatten()
             if not len(a):
                 break
-            normal = self._estimate_normal(oracle, x, target, out, a, bank, offsets, iteration)
-            candidate, ok = self._step(oracle, x, target, out, a, normal, step)
+            normal = self._estimate_normal(oracle, chunk, run, a, bank, offsets, iteration)
+            candidate, ok = self._step(oracle, chunk, run, a, normal, step)
             step[a] = torch.where(ok, (step[a] * 1.5).clamp(max=1.0), step[a])
-            self._record(at, out, a)
+            self._record(at, run, rows[a])
             moved = a[ok]
-            before = out.best[moved].clone()
-            self._bisect(oracle, x[moved], target[moved], candidate[ok], out, moved, before)
-            self._record(at, out, a)
+            before = run.best[rows[moved]].clone()
+            self._bisect(oracle, chunk, run, moved, candidate[ok], before)
+            self._record(at, run, rows[a])
 
-    def _estimate_normal(self, oracle, x, target, out: PairView, a, bank, offsets, iteration) -> torch.Tensor:
+    def _estimate_normal(self, oracle, chunk: Chunk, run: PairRun, a, bank, offsets, iteration) -> torch.Tensor:
         """Unit estimate (R, C, H, W) of the boundary normal at each pair's point, toward class t."""
         b = self.probes
+        rows, x = chunk.rows[a], chunk.x[a]
         # Pair r uses bank rows offset_r + iteration * b + [0, b): fresh directions every iteration.
-        rows = (offsets[a, None] + iteration * b + torch.arange(b)[None, :]) % _BANK_SIZE  # (R, B)
-        u = bank[rows]  # (R, B, C, H, W)
-        point = out.points[a]  # (R, C, H, W)
+        drawn = (offsets[a, None] + iteration * b + torch.arange(b)[None, :]) % _BANK_SIZE  # (R, B)
+        u = bank[drawn]  # (R, B, C, H, W)
+        point = run.points[rows]  # (R, C, H, W)
         # Probes orthogonal to the current perturbation w = p - x: moving along w only rescales it, which the
         # bisection does anyway, so every probe is spent on the directions that can shorten it.
-        w = (point - x[a]).flatten(1)
+        w = (point - x).flatten(1)
         w = (w / w.norm(dim=1, keepdim=True).clamp_min(1e-12))[:, None, :]  # (R, 1, D)
         flat = u.flatten(2)
         flat = flat - (flat * w).sum(dim=2, keepdim=True) * w
         u = (flat / flat.norm(dim=2, keepdim=True).clamp_min(1e-12)).view_as(u)
-        d = out.best[a].to(torch.float32).view(-1, 1, 1, 1, 1)
+        d = run.best[rows].to(torch.float32).view(-1, 1, 1, 1, 1)
         lo, hi = oracle.bounds
         probes = torch.clamp(point[:, None] + self.delta * d * u, lo, hi)  # (R, B, C, H, W)
-        is_t = oracle.labels(probes.flatten(0, 1), ids=out.ids[a].repeat_interleave(b)) == target[a].repeat_interleave(b)
-        out.queries[a] += b
-        out.offer(a.repeat_interleave(b), probes.flatten(0, 1), x[a].repeat_interleave(b, dim=0), is_t)
+        is_t = run.ask(oracle, rows.repeat_interleave(b), probes.flatten(0, 1), x.repeat_interleave(b, dim=0),
+                       chunk.target[a].repeat_interleave(b))
         sign = is_t.view(-1, b).to(torch.float32) * 2 - 1  # (R, B) +1 on the t side
         mean = sign.mean(dim=1, keepdim=True)
         # Baseline correction (HopSkipJump) unless all probes agree, when it would zero the estimate.
@@ -194,48 +187,44 @@ class MinimalBoundaryDistance:
         g = (weight.view(*weight.shape, 1, 1, 1) * v).sum(dim=1)  # (R, C, H, W)
         return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
-    def _step(self, oracle, x, target, out: PairView, a, normal, step):
+    def _step(self, oracle, chunk: Chunk, run: PairRun, a, normal, step):
         """From each point, step along the normal by step * d, halving until labelled t (bounded)."""
         lo, hi = oracle.bounds
-        r = len(a)
-        candidate = out.points[a].clone()
-        ok = torch.zeros(r, dtype=torch.bool)
+        rows = chunk.rows[a]
+        candidate = run.points[rows].clone()
+        ok = torch.zeros(len(a), dtype=torch.bool)
         scale = step[a].clone()
         for _ in range(self.max_halvings):
-            todo = (~ok & (out.queries[a] < self.budget)).nonzero().flatten()
+            todo = (~ok & (run.queries[rows] < self.queries_per_pair)).nonzero().flatten()
             if not len(todo):
                 break
-            eps = (scale[todo] * out.best[a[todo]]).to(torch.float32).view(-1, 1, 1, 1)
-            trial = torch.clamp(out.points[a[todo]] + eps * normal[todo], lo, hi)
-            is_t = oracle.labels(trial, ids=out.ids[a[todo]]) == target[a[todo]]
-            out.queries[a[todo]] += 1
-            out.offer(a[todo], trial, x[a[todo]], is_t)
+            eps = (scale[todo] * run.best[rows[todo]]).to(torch.float32).view(-1, 1, 1, 1)
+            trial = torch.clamp(run.points[rows[todo]] + eps * normal[todo], lo, hi)
+            is_t = run.ask(oracle, rows[todo], trial, chunk.x[a[todo]], chunk.target[a[todo]])
             candidate[todo[is_t]] = trial[is_t]
             ok[todo[is_t]] = True
             scale[todo[~is_t]] *= 0.5
         step[a] = scale  # failed pairs keep their halved scale for the next iteration
         return candidate, ok
 
-    def _bisect(self, oracle, x, target, candidate, out: PairView, rows, previous) -> None:
+    def _bisect(self, oracle, chunk: Chunk, run: PairRun, moved, candidate, previous) -> None:
         """Bisect on x -> candidate (labelled t) for the boundary, to relative tolerance.
 
         The first query is at 85% of the previous distance, not halfway: one step rarely gains more than
         15%, so that query usually lifts the lower end close to the boundary and saves 1-3 bisections.
         """
-        r = len(rows)
-        lo = torch.zeros(r, dtype=torch.float64)
-        hi = torch.ones(r, dtype=torch.float64)
+        rows, x, target = chunk.rows[moved], chunk.x[moved], chunk.target[moved]
+        lo = torch.zeros(len(rows), dtype=torch.float64)
+        hi = torch.ones(len(rows), dtype=torch.float64)
         length = (candidate - x).flatten(1).double().norm(dim=1)
         first = (_FIRST_GUESS * previous / length.clamp_min(1e-12)).clamp(0.05, 0.95)
         for i in range(64):  # the tolerance is reached long before: 2^-64 is below float64 resolution
-            todo = ((hi - lo > self.tolerance * hi) & (out.queries[rows] < self.budget)).nonzero().flatten()
+            todo = ((hi - lo > self.tolerance * hi) & (run.queries[rows] < self.queries_per_pair)).nonzero().flatten()
             if not len(todo):
                 break
             mid = first[todo] if i == 0 else 0.5 * (lo[todo] + hi[todo])
             points = segment_points(x[todo], candidate[todo], mid, oracle.bounds)
-            is_t = oracle.labels(points, ids=out.ids[rows[todo]]) == target[todo]
-            out.queries[rows[todo]] += 1
-            out.offer(rows[todo], points, x[todo], is_t)
+            is_t = run.ask(oracle, rows[todo], points, x[todo], target[todo])
             hi[todo] = torch.where(is_t, mid, hi[todo])
             lo[todo] = torch.where(is_t, lo[todo], mid)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,56 +30,77 @@ class OnnxBackend:
 
     def __init__(self, path: str | os.PathLike, input_shape=None, num_classes: int | None = None, bounds=None,
                  threads: int | None = None, preferred_batch: int = 256):
-        import onnxruntime as ort
-
-        path = Path(path)
-        if not path.is_file():
-            raise TeacherError(f"ONNX teacher not found: {path}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = int(threads)
-        try:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-            self._session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as e:
-            raise TeacherError(f"ONNX Runtime cannot load {path}: {e}") from e
-        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        if len(inputs) != 1 or inputs[0].type != "tensor(float)":
-            raise TeacherError(f"{path}: expected one float32 image input, got {[(i.name, i.type) for i in inputs]}")
-        self._input_name = inputs[0].name
-        meta = self._session.get_modelmeta().custom_metadata_map
-        self.input_shape = self._resolve_shape(path, inputs[0].shape, input_shape)
-        self.num_classes = self._resolve_classes(path, outputs[0].shape, num_classes, meta)
-        if bounds is None:
-            bounds = tuple(float(b) for b in meta["db3kd.bounds"].split(",")) if "db3kd.bounds" in meta else (0.0, 1.0)
-        self.bounds = (float(bounds[0]), float(bounds[1]))
+        self.model = open_onnx(path, input_shape, num_classes, bounds, threads)
+        self.input_shape, self.num_classes, self.bounds = self.model.input_shape, self.model.num_classes, self.model.bounds
         self.preferred_batch = int(preferred_batch)
         self.name = f"onnx:{path}"
 
-    @staticmethod
-    def _resolve_shape(path, dims, given) -> tuple[int, int, int]:
-        declared = dims[1:] if len(dims) == 4 else None
-        if declared is None:
-            raise TeacherError(f"{path}: expected a 4-d image input (N, C, H, W), got dims {dims}")
-        if given is not None:
-            given = tuple(int(s) for s in given)
-            if any(isinstance(d, int) and d != g for d, g in zip(declared, given)):
-                raise TeacherError(f"{path}: input_shape {given} contradicts the model's input dims {declared}")
-            return given
-        if not all(isinstance(d, int) for d in declared):
-            raise TeacherError(f"{path}: the model's input dims {declared} are symbolic; pass input_shape=(C, H, W)")
-        return tuple(declared)
-
-    @staticmethod
-    def _resolve_classes(path, dims, given, meta) -> int:
-        if given is not None:
-            return int(given)
-        if "db3kd.num_classes" in meta:
-            return int(meta["db3kd.num_classes"])
-        if len(dims) == 2 and isinstance(dims[1], int):
-            return dims[1]
-        raise TeacherError(f"{path}: cannot tell the class count from output dims {dims}; pass num_classes")
-
     def predict_labels(self, x: torch.Tensor) -> np.ndarray:
-        scores = self._session.run(None, {self._input_name: x.detach().cpu().numpy()})[0]
-        return scores.argmax(axis=1)
+        return self.model.scores(x.detach().cpu().numpy()).argmax(axis=1)
+
+
+@dataclass(frozen=True)
+class OnnxModel:
+    """An ONNX Runtime session over a classifier file, with its input contract. Its scores are read only
+    by `OnnxBackend` (for the arg-max) and by the white-box standard-KD baseline."""
+
+    session: object = field(repr=False)
+    input_name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    bounds: tuple[float, float]
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """The model's first output (N, K) for a float32 batch (N, C, H, W)."""
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+def open_onnx(path: str | os.PathLike, input_shape=None, num_classes: int | None = None, bounds=None,
+              threads: int | None = None) -> OnnxModel:
+    """Load `path` with ONNX Runtime (CUDA when present) and read its input contract (see `OnnxBackend`)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"ONNX teacher not found: {path}")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    try:
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        session = ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:
+        raise TeacherError(f"ONNX Runtime cannot load {path}: {e}") from e
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or inputs[0].type != "tensor(float)":
+        raise TeacherError(f"{path}: expected one float32 image input, got {[(i.name, i.type) for i in inputs]}")
+    meta = session.get_modelmeta().custom_metadata_map
+    if bounds is None:
+        bounds = tuple(float(b) for b in meta["db3kd.bounds"].split(",")) if "db3kd.bounds" in meta else (0.0, 1.0)
+    return OnnxModel(session, inputs[0].name, _resolve_shape(path, inputs[0].shape, input_shape),
+                     _resolve_classes(path, outputs[0].shape, num_classes, meta), (float(bounds[0]), float(bounds[1])))
+
+
+def _resolve_shape(path, dims, given) -> tuple[int, int, int]:
+    declared = dims[1:] if len(dims) == 4 else None
+    if declared is None:
+        raise TeacherError(f"{path}: expected a 4-d image input (N, C, H, W), got dims {dims}")
+    if given is not None:
+        given = tuple(int(s) for s in given)
+        if any(isinstance(d, int) and d != g for d, g in zip(declared, given)):
+            raise TeacherError(f"{path}: input_shape {given} contradicts the model's input dims {declared}")
+        return given
+    if not all(isinstance(d, int) for d in declared):
+        raise TeacherError(f"{path}: the model's input dims {declared} are symbolic; pass input_shape=(C, H, W)")
+    return tuple(declared)
+
+
+def _resolve_classes(path, dims, given, meta) -> int:
+    if given is not None:
+        return int(given)
+    if "db3kd.num_classes" in meta:
+        return int(meta["db3kd.num_classes"])
+    if len(dims) == 2 and isinstance(dims[1], int):
+        return dims[1]
+    raise TeacherError(f"{path}: cannot tell the class count from output dims {dims}; pass num_classes")
+

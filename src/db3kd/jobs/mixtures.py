@@ -14,25 +14,22 @@ mixtures take a few dozen MB on disk. Work is done in seeded shards, resumable l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import ConfigError, DataError
-from .executors import LocalExecutor, ShardDone, query_accounting, run_shards
-from .jobs import write_json
-from .oracle import LabelOracle
-from .shards import ShardStore, save_npz_atomic
+from ..errors import ConfigError, DataError
+from ..executors import Executor
+from ..io import save_npz
+from ..oracle import LabelOracle
+from .runner import MANIFEST, ShardedJob, run_job
+from .soft_labels import digest
 
 RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")
+RESULTS = "mixtures.npz"
 
 
 @dataclass
@@ -57,10 +54,10 @@ class MixtureConfig:
         for name, low in (("count", 1), ("max_shift", 0), ("shard_size", 1), ("seed", None)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (low is not None and value < low):
-                raise ConfigError(f"mixtures: {name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
+                raise ConfigError(f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
         b = self.min_brightness
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-            raise ConfigError(f"mixtures: min_brightness must be a number in (0, 1], got {b!r}")
+            raise ConfigError(f"min_brightness must be a number in (0, 1], got {b!r}")
 
 
 def draw_recipes(rng: np.random.Generator, n: int, num_samples: int, config: MixtureConfig) -> dict[str, np.ndarray]:
@@ -89,88 +86,74 @@ def mixture_images(x: np.ndarray, recipes: dict[str, np.ndarray], bounds: tuple[
 
 
 @dataclass
-class MixtureShard:
-    """Draws and labels one shard's mixtures (a `db3kd.executors.ShardJob`: it may run on a Ray worker)."""
+class MixtureJob(ShardedJob):
+    """Draws and labels mixtures shard by shard (a `db3kd.jobs.runner.ShardedJob`; a shard may run on Ray)."""
 
-    pseudo_x: np.ndarray
+    pseudo_x: np.ndarray = field(repr=False)
     config: MixtureConfig
+    num_classes: int
     batch: int = 5000  # images built and sent at once: a shard's images never sit in memory all at once
+    name = "mixtures"
+    unit = "img"
+
+    def fingerprint(self) -> dict:
+        # The pseudo samples enter by their hash: other samples' shards are never mixed with these.
+        return {**asdict(self.config), "pseudo_samples_sha256": digest(self.pseudo_x)}
+
+    def shard_sizes(self) -> list[int]:
+        c = self.config
+        return [min(c.shard_size, c.count - start) for start in range(0, c.count, c.shard_size)]
 
     def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
-        started = time.perf_counter()
-        n = min(self.config.shard_size, self.config.count - shard * self.config.shard_size)
+        n = self.shard_sizes()[shard]
         recipes = draw_recipes(np.random.default_rng([self.config.seed, shard]), n, len(self.pseudo_x), self.config)
         labels = np.empty(n, dtype=np.int64)
         for i in range(0, n, self.batch):
             part = {k: v[i:i + self.batch] for k, v in recipes.items()}
             labels[i:i + self.batch] = oracle.labels(mixture_images(self.pseudo_x, part, oracle.bounds))
-        return dict(**recipes, labels=labels, shard_seconds=np.array([time.perf_counter() - started]))
+        return dict(**recipes, labels=labels)
+
+    def merge(self, merged: dict[str, np.ndarray], out: Path) -> dict:
+        save_npz(out / RESULTS, **{k: merged[k] for k in (*RECIPE_KEYS, "labels")})
+        return {"params": asdict(self.config), "count": self.config.count,
+                "label_counts": np.bincount(merged["labels"], minlength=self.num_classes).tolist()}
 
 
 def label_mixtures(oracle: LabelOracle, pseudo_x: np.ndarray, config: MixtureConfig, out_dir: str | os.PathLike,
-                   run_info: dict, progress: bool = True, executor=None) -> dict:
+                   run_info: dict, progress: bool = True, executor: Executor | None = None) -> dict:
     """Draw and label `config.count` mixtures of `pseudo_x` into `out_dir`, resuming finished shards.
 
     Writes `mixtures.npz` (the recipe arrays, `labels` (count,)) and `manifest.json` (queries, label
-    counts per class); returns the manifest. `run_info` goes into the fingerprint and the manifest; the
-    pseudo samples enter the fingerprint by their hash, so other samples are never mixed with these shards.
+    counts per class); returns the manifest. `run_info` goes into the fingerprint and the manifest.
     `executor` (`db3kd.executors`) computes the shards, here by default or on Ray.
     """
-    out = Path(out_dir)
-    fingerprint = {**run_info, **asdict(config), "pseudo_samples_sha256": _sha256(pseudo_x),
-                   "bounds": list(oracle.bounds)}
-    store = ShardStore(out, fingerprint)
-    shards = range(-(-config.count // config.shard_size))
-    todo = [s for s in shards if not store.done(s)]
-    bar = tqdm(total=config.count, unit="img", desc="mixtures", disable=not progress,
-               mininterval=1 if sys.stderr.isatty() else 30)
-    bar.update(config.count - sum(min(config.shard_size, config.count - s * config.shard_size) for s in todo))
-
-    def written(done: ShardDone) -> None:
-        bar.update(len(done.arrays["labels"]))
-        bar.set_postfix(queries_per_s=f"{done.queries / max(done.seconds, 1e-9):,.0f}")
-
-    try:
-        summary = run_shards(executor or LocalExecutor(), MixtureShard(pseudo_x, config), todo, oracle, store, written)
-    finally:
-        bar.close()
-    merged = store.merge(shards)
-    save_npz_atomic(out / "mixtures.npz", **{k: merged[k] for k in (*RECIPE_KEYS, "labels")})
-    manifest = {**run_info, "params": asdict(config), "count": config.count, "total_queries": config.count,
-                "label_counts": np.bincount(merged["labels"], minlength=oracle.num_classes).tolist(),
-                **query_accounting(out, [min(config.shard_size, config.count - s * config.shard_size) for s in shards]),
-                "executor": summary, "seconds": float(merged["shard_seconds"].sum()), "version": __version__}
-    write_json(out / "manifest.json", manifest)
-    return manifest
+    info = {**run_info, "bounds": list(oracle.bounds)}
+    return run_job(MixtureJob(pseudo_x, config, oracle.num_classes), oracle, out_dir, info, executor, progress)
 
 
 def load_mixtures(synthesis_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
     """Images (rebuilt), labels and manifest of the mixtures of a `db3kd synthesize --mixtures N` directory."""
     from .synthesis import load_pseudo_samples
 
-    directory = Path(synthesis_dir) / "mixtures"
-    for path in (directory / "mixtures.npz", directory / "manifest.json"):
-        if not path.is_file():
-            raise DataError(f"{path} not found: run `db3kd synthesize --mixtures N --out {synthesis_dir}` first")
     pseudo_x, _, _ = load_pseudo_samples(synthesis_dir)
-    return read_mixtures(directory, pseudo_x, source=f"{synthesis_dir}'s",
-                         remake="rerun `db3kd synthesize --mixtures N`")
+    return read_mixtures(Path(synthesis_dir) / "mixtures", pseudo_x, source=f"{synthesis_dir}'s",
+                         remake=f"run `db3kd synthesize --mixtures N --out {synthesis_dir}`")
 
 
 def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: str = "the pseudo samples given",
                   remake: str = "label them again") -> tuple[np.ndarray, np.ndarray, dict]:
     """Images (rebuilt from `pseudo_x`), labels and manifest of the mixtures `label_mixtures` wrote to `directory`.
 
-    Refused (DataError) if they were made from other pseudo samples; `source` names `pseudo_x` and `remake`
-    says how to make them again, in that message.
+    Refused (DataError) if missing or made from other pseudo samples; `source` names `pseudo_x` and `remake`
+    says how to make them (again), in those messages.
     """
     directory = Path(directory)
-    npz, manifest_path = directory / "mixtures.npz", directory / "manifest.json"
+    npz, manifest_path = directory / RESULTS, directory / MANIFEST
     for path in (npz, manifest_path):
         if not path.is_file():
-            raise DataError(f"{path} not found: expected the output directory of `label_mixtures`")
+            raise DataError(f"{path} not found: {remake}")
     fingerprint = json.loads((directory / "fingerprint.json").read_text())
-    if fingerprint.get("pseudo_samples_sha256") != _sha256(pseudo_x):
+    if fingerprint.get("pseudo_samples_sha256") != digest(pseudo_x):
         raise DataError(f"the mixtures in {directory} were made from other pseudo samples than {source}; "
                         f"delete that directory and {remake}")
     with np.load(npz, allow_pickle=False) as data:
@@ -181,7 +164,3 @@ def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: st
         images[i:i + 10_000] = mixture_images(pseudo_x, {k: v[i:i + 10_000] for k, v in recipes.items()},
                                               tuple(fingerprint["bounds"]))
     return images, labels, json.loads(manifest_path.read_text())
-
-
-def _sha256(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()

@@ -1,164 +1,29 @@
-"""Where the shards of a run are computed: in this process (`local`) or as Ray tasks on a cluster (`ray`).
+"""Shards as Ray tasks on a cluster, each with its own oracle, under one query budget for the whole run.
 
-Both executors map a picklable shard job, `job(oracle, shard) -> arrays`, over the shards still to do and
-hand each finished shard back to the driver, which writes it with its `ShardStore`: the run directory is
-the same whichever executor made it, so a run started on Ray resumes locally and vice versa. A shard is
-computed from its own seed, so its arrays are equal bit for bit across executors.
-
-On Ray, every shard is a task with its own oracle on the teacher (the model file shipped through the
-object store, or the URL of a label service each worker opens itself); one `SharedBudget` actor keeps
-the ledger of the whole run, and each worker oracle reserves its queries there before sending them, so
-the run's total never exceeds the budget however many workers there are. A task whose worker dies is
-retried (at most `max_retries` times); only the attempt that finishes is written.
-
-Every attempt is recorded in `RUN_DIR/attempts.jsonl` with the queries it sent and whether its result
-was kept, so manifests report both the queries behind the results and those spent on attempts thrown
-away (a worker that died, a budget that ran out mid-shard).
+Every shard is a task with its own oracle on the teacher (the model file shipped through the object store,
+or the URL of a label service each worker opens itself); one `SharedBudget` actor keeps the ledger of the
+whole run, and each worker oracle reserves its queries there before sending them, so the run's total never
+exceeds the budget however many workers there are. A task whose worker dies is retried (at most
+`max_retries` times); only the attempt that finishes is written.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
 import logging
 import os
 import socket
-import tempfile
 import time
-import uuid
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Iterator
+from dataclasses import dataclass
 
-import numpy as np
+from ..errors import BudgetExceededError, ConfigError, DB3KDError, ExecutorError, TeacherError
+from ..oracle import LabelOracle
+from ..teachers import TeacherSpec
+from .attempts import AttemptLog
+from .base import ShardDone, ShardJob, describe
 
-from .errors import BudgetExceededError, ConfigError, DB3KDError, ExecutorError, TeacherError
-from .oracle import LabelOracle
-
-ATTEMPTS_FILE = "attempts.jsonl"
 RAY_INSTALL = "pip install 'db3kd[ray]'"
-
-
-class ShardJob(Protocol):
-    """The work of one shard: arrays to store, from the teacher queried through `oracle` only.
-
-    Must be picklable (it is shipped to Ray workers) and depend on nothing but its shard number and its
-    own data, so that any worker, in any order, computes the same arrays.
-    """
-
-    def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]: ...
-
-
-@dataclass
-class ShardDone:
-    """A finished shard, as handed back to the driver."""
-
-    shard: int
-    arrays: dict[str, np.ndarray]
-    queries: int  # teacher queries of the attempt that made `arrays`
-    seconds: float
-    attempt: int = 1
-
-
-class AttemptLog:
-    """`RUN_DIR/attempts.jsonl`: one line per attempt at a shard (or at the reference labels), appended.
-
-    Fields: `executor` ("driver" for the reference labels), `invocation` (one id per command run), `shard`
-    (null for the reference labels),
-    `attempt`, `queries` (confirmed sent), `unconfirmed` (reserved by a worker that died before saying
-    whether it sent them: counted as sent), `kept`, `error`.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.invocation = uuid.uuid4().hex[:12]
-
-    def record(self, executor: str, shard: int | None, attempt: int, queries: int, kept: bool,
-               unconfirmed: int = 0, error: str | None = None) -> None:
-        entry = {"executor": executor, "invocation": self.invocation, "shard": shard, "attempt": attempt,
-                 "queries": int(queries), "unconfirmed": int(unconfirmed), "kept": kept, "error": error}
-        with open(self.path, "a") as f:  # one short write in append mode: lines never interleave
-            f.write(json.dumps(entry) + "\n")
-
-    def entries(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        lines = self.path.read_text().splitlines()
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write
-        return out
-
-    def totals(self) -> dict:
-        """Queries sent into this run directory as recorded, and the part of them in discarded attempts."""
-        entries = self.entries()
-        sent = sum(e["queries"] + e["unconfirmed"] for e in entries)
-        discarded = [e for e in entries if not e["kept"]]
-        return {"queries_sent": sent,
-                "queries_discarded": sum(e["queries"] + e["unconfirmed"] for e in discarded),
-                "queries_unconfirmed": sum(e["unconfirmed"] for e in entries),
-                "attempts_discarded": len(discarded)}
-
-
-def query_accounting(root: str | os.PathLike, shard_queries: list[int]) -> dict:
-    """The manifest's query accounting: per shard, in the results, sent (as recorded), discarded."""
-    totals = AttemptLog(Path(root) / ATTEMPTS_FILE).totals()
-    return {
-        "shard_queries": [int(q) for q in shard_queries],
-        **totals,
-        "queries_note": (
-            "total_queries counts the queries behind the results: the sum of shard_queries (the attempt whose "
-            "result was written, one per shard) plus any reference labelling. queries_sent counts every query "
-            f"sent into this directory over all runs and workers, as recorded in {ATTEMPTS_FILE}; "
-            "queries_discarded is the part spent on attempts whose results were not kept (a worker that died "
-            "and was retried, a shard cut short by the budget or an error). An attempt cut short by a SIGKILL "
-            "of the driver itself is not recorded."),
-    }
-
-
-def run_shards(executor, job: ShardJob, shards: list[int], oracle: LabelOracle, store,
-               on_written: Callable[[ShardDone], None] | None = None) -> dict:
-    """Compute `shards` with `executor`, writing each with `store` as it arrives; the executor's summary.
-
-    The kept attempt is logged after its shard file is in place, so a crash between the two loses a log
-    line, never counts a shard twice.
-    """
-    log = AttemptLog(store.root / ATTEMPTS_FILE)
-    for done in executor.run(job, list(shards), oracle, log):
-        store.write(done.shard, **done.arrays)
-        log.record(executor.name, done.shard, done.attempt, done.queries, kept=True)
-        if on_written is not None:
-            on_written(done)
-    return executor.summary()
-
-
-class LocalExecutor:
-    """Shards one after another in this process, with the caller's oracle (and its budget)."""
-
-    name = "local"
-
-    def run(self, job: ShardJob, shards: list[int], oracle: LabelOracle, log: AttemptLog) -> Iterator[ShardDone]:
-        for s in shards:
-            started, before = time.perf_counter(), oracle.queries
-            try:
-                arrays = job(oracle, s)
-            except BaseException as e:  # also Ctrl-C: the queries it sent are recorded, then it propagates
-                log.record(self.name, s, 1, oracle.queries - before, kept=False, error=_describe(e))
-                raise
-            yield ShardDone(s, arrays, oracle.queries - before, time.perf_counter() - started)
-
-    def summary(self) -> dict:
-        return {"name": self.name}
-
-    def __repr__(self) -> str:
-        return "LocalExecutor()"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Ray
 
 
 def import_ray():
@@ -172,57 +37,10 @@ def import_ray():
     return ray
 
 
-@dataclass(frozen=True)
-class TeacherSource:
-    """How a worker opens its own oracle on the teacher.
-
-    A model file (.onnx, .pt) is read once on the driver and its bytes shipped with the job, so the
-    workers need no shared file system; a label service URL is opened by each worker with the API key.
-    """
-
-    spec: str
-    api_key: str | None = field(default=None, repr=False)
-    payload: bytes | None = field(default=None, repr=False)
-    digest: str | None = None  # SHA-256 of payload
-
-    @classmethod
-    def from_spec(cls, spec: str | os.PathLike, api_key: str | None = None) -> "TeacherSource":
-        text = os.fspath(spec)
-        if text.startswith(("http://", "https://")):
-            return cls(text, api_key=api_key)
-        path = Path(text)
-        if path.suffix.lower() not in (".pt", ".pth", ".onnx"):
-            raise ConfigError(f"cannot ship teacher {text!r} to workers: expected a .pt checkpoint, an .onnx file "
-                              "or an http(s):// URL of a label service")
-        if not path.is_file():
-            raise TeacherError(f"teacher not found: {path}")
-        payload = path.read_bytes()
-        return cls(text, payload=payload, digest=hashlib.sha256(payload).hexdigest())
-
-    def open(self, ledger=None, threads: int | None = None) -> LabelOracle:
-        """A fresh oracle (fresh counts) on this process's copy of the teacher."""
-        key = (self.digest or self.spec, self.api_key, threads)
-        backend = _BACKENDS.get(key)
-        if backend is None:
-            backend = _BACKENDS[key] = self._load(threads)
-        return LabelOracle(backend, ledger=ledger)
-
-    def _load(self, threads: int | None):
-        from .teachers import load_teacher
-
-        if self.payload is None:
-            return load_teacher(self.spec, api_key=self.api_key) if self.api_key else load_teacher(self.spec)
-        suffix = Path(self.spec).suffix.lower()
-        path = Path(tempfile.gettempdir()) / "db3kd-teachers" / f"{self.digest}{suffix}"
-        if not path.exists() or path.stat().st_size != len(self.payload):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers of one node may race: rename wins
-            tmp.write_bytes(self.payload)
-            os.replace(tmp, path)
-        return load_teacher(path, threads=threads) if suffix == ".onnx" else load_teacher(path)
-
-
-_BACKENDS: dict[tuple, Any] = {}  # per worker process: a model is loaded once, not once per shard
+@functools.lru_cache(maxsize=4)
+def _backend(teacher: TeacherSpec, threads: int):
+    """The teacher's backend in this worker process: loaded once per worker, not once per shard."""
+    return teacher.load(threads=threads)
 
 
 class SharedBudget:
@@ -301,7 +119,7 @@ class _Outcome:
     error: DB3KDError | None = None
 
 
-def _run_shard(job: ShardJob, teacher: TeacherSource, shard: int, ledger, contract: tuple, threads: int) -> _Outcome:
+def _run_shard(job: ShardJob, teacher: TeacherSpec, shard: int, ledger, contract: tuple, threads: int) -> _Outcome:
     """One attempt at a shard, on a Ray worker."""
     import warnings
 
@@ -318,7 +136,7 @@ def _run_shard(job: ShardJob, teacher: TeacherSource, shard: int, ledger, contra
     started = time.perf_counter()
     oracle = None
     try:
-        oracle = teacher.open(ledger=_LedgerClient(ledger, shard, attempt), threads=threads)
+        oracle = LabelOracle(_backend(teacher, threads), ledger=_LedgerClient(ledger, shard, attempt))
         found = (tuple(oracle.input_shape), oracle.num_classes, tuple(oracle.bounds))
         if found != contract:
             raise TeacherError(f"the teacher opened on worker {ray.get_runtime_context().get_node_id()[:8]} has "
@@ -335,7 +153,8 @@ class RayExecutor:
     """Each shard a Ray task with its own oracle; one query budget across all of them.
 
     Args:
-        teacher: what the workers open (see `TeacherSource`); a spec string is read here.
+        teacher: what the workers open: a model file travels with the job (no shared file system needed),
+            a label service is reached by URL, with the spec's API key.
         address: the cluster: "auto" (the one started on this machine with `ray start --head`),
             "HOST:PORT" of its head, "local" (a new Ray instance on this machine), or None (Ray's default:
             $RAY_ADDRESS, else the latest cluster started here, else a new instance). Ignored when Ray is
@@ -343,20 +162,18 @@ class RayExecutor:
         workers: shards computed at once; default the cluster's CPUs / cpus_per_worker.
         max_retries: further attempts at a shard whose worker died (a DB3KD error is not retried).
         cpus_per_worker: CPUs each task asks of Ray (and its teacher's and torch's threads).
-        api_key: for a label service URL given as a spec string.
     """
 
     name = "ray"
 
-    def __init__(self, teacher: TeacherSource | str | os.PathLike, address: str | None = None,
-                 workers: int | None = None, max_retries: int = 3, cpus_per_worker: int = 1,
-                 api_key: str | None = None):
+    def __init__(self, teacher: TeacherSpec | str | os.PathLike, address: str | None = None,
+                 workers: int | None = None, max_retries: int = 3, cpus_per_worker: int = 1):
         import_ray()  # fail before any work if Ray is missing
         for label, value, low in (("workers", workers, 1), ("max_retries", max_retries, 0),
                                   ("cpus_per_worker", cpus_per_worker, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ConfigError(f"{label} must be an integer >= {low}, got {value!r}")
-        self.teacher = teacher if isinstance(teacher, TeacherSource) else TeacherSource.from_spec(teacher, api_key)
+        self.teacher = TeacherSpec.parse(teacher).shippable()  # read here: a missing file fails before any work
         if address is not None:
             _check_reachable(address)
         self.address, self.workers, self.max_retries = address, workers, max_retries
@@ -364,7 +181,7 @@ class RayExecutor:
         self._summary: dict = {"name": self.name, "address": address}
 
     def __repr__(self) -> str:
-        return (f"RayExecutor({self.teacher.spec!r}, address={self.address!r}, workers={self.workers}, "
+        return (f"RayExecutor({self.teacher.text!r}, address={self.address!r}, workers={self.workers}, "
                 f"max_retries={self.max_retries}, cpus_per_worker={self.cpus_per_worker})")
 
     def connect(self):
@@ -458,7 +275,7 @@ class RayExecutor:
         for number, attempt in enumerate(attempts, start=1):
             if number == kept:
                 continue
-            why = _describe(error) if number == len(attempts) and error is not None else "worker died; retried"
+            why = describe(error) if number == len(attempts) and error is not None else "worker died; retried"
             log.record(self.name, shard, number, attempt["queries"], kept=False,
                        unconfirmed=attempt["in_flight"], error=why)
 
@@ -484,7 +301,3 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as e:
         raise ExecutorError(f"no Ray cluster head answers at {address} ({e}); start one there with "
                             f"`ray start --head --port {port}`, or pass --ray-address auto on the head itself") from e
-
-
-def _describe(error: BaseException | str) -> str:
-    return error if isinstance(error, str) else f"{type(error).__name__}: {error}"

@@ -12,25 +12,23 @@ result as an uninterrupted one.
 
 from __future__ import annotations
 
-import functools
+import json
 import os
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from . import __version__
-from .errors import BudgetExceededError, ConfigError, DataError
-from .executors import LocalExecutor, ShardDone, query_accounting, run_shards
-from .jobs import write_json
-from .oracle import LabelOracle
-from .robustness import BoundaryDistance, MinimalBoundaryDistance
-from .shards import ShardStore, save_npz_atomic
+from ..errors import BudgetExceededError, ConfigError, DataError
+from ..executors import Executor, ShardDone
+from ..io import save_npz
+from ..oracle import LabelOracle
+from ..robustness import BoundaryDistance, MinimalBoundaryDistance
+from .runner import MANIFEST, ShardedJob, run_job
+
+RESULTS = "pseudo_samples.npz"
 
 # Grid sides of the low-frequency noise (bilinearly upsampled uniform noise). Plain uniform pixel noise is
 # labelled 8 or 2 by ~95% of an MNIST LeNet (0 hits of classes 1, 6, 7 in 4000 draws); a mixture of
@@ -44,7 +42,7 @@ class SynthesisConfig:
 
     Args:
         per_class: pseudo samples per class.
-        budget_per_sample: teacher queries per sample over all rounds (boundary searches and moves);
+        queries_per_sample: teacher queries per sample over all rounds (boundary searches and moves);
             rejection sampling is counted apart, since rejected draws belong to no sample.
         rounds: rounds of "find the nearest boundary point p, step away from it".
         step: each move is step * d away from p, d = |x - p| (halved up to `max_halvings` times
@@ -58,7 +56,7 @@ class SynthesisConfig:
     """
 
     per_class: int
-    budget_per_sample: int = 2000
+    queries_per_sample: int = 2000
     rounds: int = 8
     step: float = 2.0  # 0.5 barely changed the images in 3 rounds (MNIST quick benchmark: 42% vs 59% at 2.0)
     max_halvings: int = 4
@@ -68,7 +66,7 @@ class SynthesisConfig:
     shard_size: int = 500
 
     def __post_init__(self):
-        for name in ("per_class", "budget_per_sample", "rounds", "max_halvings", "max_draws", "draw_batch", "shard_size"):
+        for name in ("per_class", "queries_per_sample", "rounds", "max_halvings", "max_draws", "draw_batch", "shard_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -77,9 +75,9 @@ class SynthesisConfig:
         if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not 0 < self.step <= 4:
             raise ConfigError(f"step must be a number in (0, 4] (a fraction of the boundary distance), got {self.step!r}")
 
-    def search_budget(self) -> int:
+    def search_queries(self) -> int:
         """Queries per sample for each of the rounds + 1 boundary searches (moves take the rest)."""
-        return (self.budget_per_sample - self.rounds * self.max_halvings) // (self.rounds + 1)
+        return (self.queries_per_sample - self.rounds * self.max_halvings) // (self.rounds + 1)
 
     def check(self, num_classes: int) -> None:
         """Checks that need the teacher's number of classes."""
@@ -87,27 +85,10 @@ class SynthesisConfig:
             raise ConfigError(f"shard_size must be at least the number of classes ({num_classes}) so that every "
                               f"shard holds every class, got {self.shard_size}")
         need = (self.rounds + 1) * (num_classes - 1) + self.rounds * self.max_halvings
-        if self.budget_per_sample < need:
+        if self.queries_per_sample < need:
             raise ConfigError(
-                f"budget_per_sample must be at least {need} for {self.rounds} rounds and {num_classes} classes "
-                f"(one query per other class per search, plus {self.max_halvings} per move), got {self.budget_per_sample}")
-
-
-class _SampleIds:
-    """The oracle as the boundary estimators see it, with their pair ids (i * K + t) mapped to sample ids.
-
-    So `oracle.queries_for(sample_ids)` counts every query spent on a sample, whichever pair sent it.
-    """
-
-    def __init__(self, oracle: LabelOracle, sample_ids: np.ndarray):
-        self._oracle, self._sample_ids = oracle, np.asarray(sample_ids, dtype=np.int64)
-        self.bounds, self.input_shape, self.num_classes = oracle.bounds, oracle.input_shape, oracle.num_classes
-
-    def labels(self, x, ids=None):
-        if ids is not None:
-            ids = ids.numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-            ids = self._sample_ids[ids // self.num_classes]
-        return self._oracle.labels(x, ids=ids)
+                f"queries_per_sample must be at least {need} for {self.rounds} rounds and {num_classes} classes "
+                f"(one query per other class per search, plus {self.max_halvings} per move), got {self.queries_per_sample}")
 
 
 def low_frequency_noise(rng: np.random.Generator, n: int, input_shape, bounds) -> np.ndarray:
@@ -158,21 +139,10 @@ def rejection_sample(oracle: LabelOracle, labels: np.ndarray, config: SynthesisC
     return images, draws, hits
 
 
-class _GridWalk(MinimalBoundaryDistance):
-    """MBD whose probe bank is made once: on a grid subspace it does not depend on the references."""
-
-    _bank = None
-
-    def _probe_bank(self, input_shape, reference_x):
-        if self._bank is None:
-            self._bank = super()._probe_bank(input_shape, reference_x)
-        return self._bank
-
-
 class BoundaryPush:
     """Rounds of ZSDB3KD: move each sample away from its nearest decision boundary, within its class.
 
-    A boundary search (budget `search_budget` per sample) gives, for every sample x of class c, the
+    A boundary search (budget `search_queries` per sample) gives, for every sample x of class c, the
     nearest point p labelled anything but c it can find, and d = |x - p|, the untargeted minimal boundary
     distance: BD toward the other samples of every class t != c (a share of the budget per target), then
     MBD's sign-gradient walk for the nearest target with the rest. A move is
@@ -184,35 +154,36 @@ class BoundaryPush:
     sample.
     """
 
-    def __init__(self, search_budget: int, step: float = 2.0, max_halvings: int = 4, seed: int = 0):
-        self.search_budget, self.step, self.max_halvings, self.seed = search_budget, step, max_halvings, seed
+    def __init__(self, search_queries: int, step: float = 2.0, max_halvings: int = 4, seed: int = 0):
+        self.search_queries, self.step, self.max_halvings, self.seed = search_queries, step, max_halvings, seed
         self._walk = None  # the MBD of the searches, made on first use (it needs the teacher's shape)
 
     def search(self, oracle: LabelOracle, x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N,) untargeted boundary distances and (N, C, H, W) the boundary points (NaN where none found)."""
         k = oracle.num_classes
-        view = _SampleIds(oracle, ids)
         # Half the search budget for BD over the K-1 targets (<= 40 per pair, BD's default), half for the walk.
-        bd_queries = int(min(40, max(1, self.search_budget // (2 * (k - 1)))))
-        bd = BoundaryDistance(max_directions=8, max_queries=bd_queries)
-        result = bd(view, x, y, x, y, return_points=True)
+        bd_queries = int(min(40, max(1, self.search_queries // (2 * (k - 1)))))
+        bd = BoundaryDistance(max_directions=8, queries_per_pair=bd_queries)
+        result = bd(oracle, x, y, x, y, ids=ids, return_points=True)
         _raise_if_exhausted(result, oracle)
         nearest = np.argmin(result.distances, axis=1)  # (N,)
         rows = np.arange(len(x))
         distance = result.distances[rows, nearest]
         points = result.points[rows, nearest]
-        walk_budget = self.search_budget - bd_queries * (k - 1)  # includes MBD's re-run of its pair's BD
+        walk_budget = self.search_queries - bd_queries * (k - 1)  # includes MBD's re-run of its pair's BD
         # MBD needs room for its BD, one normal estimate (probes), a step and a few bisections.
         probes = 16
         if walk_budget >= bd_queries + probes + 6:
             if self._walk is None:
                 side = min(10, *oracle.input_shape[1:])  # probe subspace: a coarse grid (no PCA of noise)
-                self._walk = _GridWalk(budget=walk_budget, checkpoints=(walk_budget,), probes=probes, subspace=side,
-                                       bd=BoundaryDistance(max_directions=8, max_queries=bd_queries), seed=self.seed)
+                self._walk = MinimalBoundaryDistance(queries_per_pair=walk_budget, checkpoints=(walk_budget,),
+                                                     probes=probes, subspace=side,
+                                                     bd=BoundaryDistance(max_directions=8, queries_per_pair=bd_queries))
             mbd = self._walk
             for t in np.unique(nearest[np.isfinite(distance)]):
                 group = np.flatnonzero((nearest == t) & np.isfinite(distance))
-                walked = mbd(_SampleIds(oracle, ids[group]), x[group], y[group], x, y, targets=[t], return_points=True)
+                walked = mbd(oracle, x[group], y[group], x, y, targets=[t], ids=ids[group], seed=self.seed,
+                             return_points=True)
                 _raise_if_exhausted(walked, oracle)
                 better = walked.distances[:, t] < distance[group]
                 distance[group[better]] = walked.distances[better, t]
@@ -246,113 +217,95 @@ def _raise_if_exhausted(result, oracle: LabelOracle) -> None:
             "The unfinished shard is dropped; finished shards are kept: rerun the same command to resume."))
 
 
-def synthesize_shard(oracle: LabelOracle, labels: np.ndarray, ids: np.ndarray, config: SynthesisConfig,
-                     shard: int) -> dict[str, np.ndarray]:
-    """Rejection sampling and all rounds for one shard; the arrays it stores (see `synthesize`)."""
-    rng = np.random.default_rng([config.seed, shard])
-    started, before = time.perf_counter(), oracle.queries
-    x, draws, hits = rejection_sample(oracle, labels, config, rng)
-    sampling_queries = oracle.queries - before
-    first_of_class = np.unique(labels, return_index=True)[1]  # one trajectory per class, for the picture
-    trajectory = [x[first_of_class]]
-    push = BoundaryPush(config.search_budget(), config.step, config.max_halvings,
-                        seed=config.seed + shard)
-    spent_before = oracle.queries_for(ids)
-    distance, points = push.search(oracle, x, labels, ids)
-    initial = distance.copy()
-    per_round = np.empty((len(x), config.rounds))
-    for r in range(config.rounds):
-        x = push.move(oracle, x, labels, ids, distance, points)
+@dataclass
+class SynthesisJob(ShardedJob):
+    """The pseudo samples, shard by shard (a `db3kd.jobs.runner.ShardedJob`; a shard may run on a Ray worker).
+
+    Sample i has class i % K, so every shard holds every class; shard s draws from seed [seed, s].
+    """
+
+    config: SynthesisConfig
+    num_classes: int
+    name = "synthesize"
+    unit = "sample"
+
+    def __post_init__(self):
+        self.labels = np.tile(np.arange(self.num_classes), self.config.per_class)
+
+    def fingerprint(self) -> dict:
+        return asdict(self.config)
+
+    def shard_sizes(self) -> list[int]:
+        n, size = len(self.labels), self.config.shard_size
+        return [min(size, n - start) for start in range(0, n, size)]
+
+    def progress(self, done: ShardDone) -> dict:
+        mean = _finite_mean(done.arrays["distances"][:, -1])
+        return {"mean_distance": "n/a" if mean is None else f"{mean:.3f}"}
+
+    def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
+        """Rejection sampling and all rounds for one shard."""
+        config = self.config
+        ids = np.arange(shard * config.shard_size, min((shard + 1) * config.shard_size, len(self.labels)))
+        labels = self.labels[ids]
+        rng = np.random.default_rng([config.seed, shard])
+        before = oracle.queries
+        x, draws, hits = rejection_sample(oracle, labels, config, rng)
+        sampling_queries = oracle.queries - before
+        first_of_class = np.unique(labels, return_index=True)[1]  # one trajectory per class, for the picture
+        trajectory = [x[first_of_class]]
+        push = BoundaryPush(config.search_queries(), config.step, config.max_halvings, seed=config.seed + shard)
+        spent_before = oracle.queries_for(ids)
         distance, points = push.search(oracle, x, labels, ids)
-        per_round[:, r] = distance
-        trajectory.append(x[first_of_class])
-    return dict(images=x, labels=labels, initial_distances=initial, distances=per_round,
-                queries=oracle.queries_for(ids) - spent_before, trajectory_labels=labels[first_of_class][None],
-                trajectory=np.stack(trajectory, axis=1)[None],  # (1, classes, rounds + 1, C, H, W)
-                draws=np.array([draws]), hits=hits[None], sampling_queries=np.array([sampling_queries]),
-                shard_seconds=np.array([time.perf_counter() - started]))
+        initial = distance.copy()
+        per_round = np.empty((len(x), config.rounds))
+        for r in range(config.rounds):
+            x = push.move(oracle, x, labels, ids, distance, points)
+            distance, points = push.search(oracle, x, labels, ids)
+            per_round[:, r] = distance
+            trajectory.append(x[first_of_class])
+        return dict(images=x, labels=labels, initial_distances=initial, distances=per_round,
+                    queries=oracle.queries_for(ids) - spent_before, trajectory_labels=labels[first_of_class][None],
+                    trajectory=np.stack(trajectory, axis=1)[None],  # (1, classes, rounds + 1, C, H, W)
+                    draws=np.array([draws]), hits=hits[None], sampling_queries=np.array([sampling_queries]))
 
-
-def _shard_job(labels: np.ndarray, config: SynthesisConfig, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
-    """Shard `shard` of `synthesize` (module level, so that Ray workers can run it: see db3kd.executors)."""
-    ids = np.arange(shard * config.shard_size, min((shard + 1) * config.shard_size, len(labels)))
-    return synthesize_shard(oracle, labels[ids], ids, config, shard)
+    def merge(self, merged: dict[str, np.ndarray], out: Path) -> dict:
+        distances = merged["distances"].T  # (rounds, N)
+        save_npz(out / RESULTS, images=merged["images"], labels=merged["labels"], distances=distances,
+                 initial_distances=merged["initial_distances"], queries=merged["queries"])
+        plot_samples(merged["trajectory"][0], merged["trajectory_labels"][0], out / "samples.png")
+        draws, hits = merged["draws"].sum(axis=0), merged["hits"].sum(axis=0)
+        k = self.num_classes
+        return {
+            "params": asdict(self.config), "seed": self.config.seed, "num_samples": int(len(merged["labels"])),
+            "num_classes": k,
+            "rejection_sampling_queries": int(merged["sampling_queries"].sum(axis=0)),
+            "round_queries": int(merged["queries"].sum(axis=0)),
+            "max_queries_per_sample": int(merged["queries"].max(axis=0)),
+            "noise_draws": int(draws),
+            "acceptance_rates": {str(c): float(hits[c] / max(draws, 1)) for c in range(k)},
+            # Means over the samples whose search found a boundary point; the others (inf) are counted apart.
+            "mean_initial_distance": _finite_mean(merged["initial_distances"]),
+            "mean_distance_per_round": [_finite_mean(d) for d in distances],
+            "no_boundary_found_per_round": [int((~np.isfinite(d)).sum(axis=0)) for d in distances],
+        }
 
 
 def synthesize(oracle: LabelOracle, config: SynthesisConfig, out_dir: str | os.PathLike, run_info: dict,
-               progress: bool = True, executor=None) -> dict:
-    """Make `config.per_class` pseudo samples of every class into `out_dir`, resuming finished shards.
+               progress: bool = True, executor: Executor | None = None) -> dict:
+    """Make `config.per_class` pseudo samples of every class (sample i has class i % K) into `out_dir`,
+    resuming finished shards; returns the manifest.
 
-    Writes `pseudo_samples.npz` (`images` (N, C, H, W) float32, `labels` (N,), `distances` (rounds, N) the
-    untargeted boundary distance after each round (inf when that round's search found no boundary point
-    within its budget; the sample then stays put for the next move), `initial_distances` (N,), `queries` (N,) per sample as
-    counted by the oracle), `samples.png` and `manifest.json`; returns the manifest. Sample i has class
-    i % K. `run_info` (teacher spec...) goes into the fingerprint and the manifest.
+    Writes `pseudo_samples.npz` (`images`, `labels`, `distances` (rounds, N) the untargeted boundary distance
+    after each round (inf where a search found no boundary point; the sample then stays put),
+    `initial_distances`, `queries` per sample), `samples.png` and `manifest.json`. `run_info` goes into the
+    fingerprint and the manifest; `executor` (`db3kd.executors`) computes the shards, here by default.
     """
     k = oracle.num_classes
     config.check(k)
-    out = Path(out_dir)
-    fingerprint = {**run_info, **asdict(config), "teacher_input_shape": list(oracle.input_shape), "num_classes": k,
-                   "bounds": list(oracle.bounds)}
-    store = ShardStore(out, fingerprint)
-    labels = np.tile(np.arange(k), config.per_class)  # class i % K: every shard holds every class
-    n = len(labels)
-    starts = range(0, n, config.shard_size)
-    todo = [s for s in range(len(starts)) if not store.done(s)]
-    bar = tqdm(total=n, unit="sample", desc="synthesize", disable=not progress,
-               mininterval=1 if sys.stderr.isatty() else 30)
-    bar.update(n - sum(len(labels[starts[s]:starts[s] + config.shard_size]) for s in todo))
-
-    def written(done: ShardDone) -> None:
-        bar.update(len(done.arrays["labels"]))
-        mean = _finite_mean(done.arrays["distances"][:, -1])
-        bar.set_postfix(mean_distance="n/a" if mean is None else f"{mean:.3f}",
-                        queries_per_s=f"{done.queries / max(done.seconds, 1e-9):,.0f}")
-
-    # `executor` (db3kd.executors) computes the shards, here by default or on Ray; they are written here.
-    try:
-        summary = run_shards(executor or LocalExecutor(), functools.partial(_shard_job, labels, config), todo,
-                             oracle, store, written)
-    finally:
-        bar.close()
-    return _finish(store, range(len(starts)), config, run_info, out, k, summary)
-
-
-def _finish(store: ShardStore, shards: range, config: SynthesisConfig, run_info: dict, out: Path, k: int,
-            executor: dict | None = None) -> dict:
-    merged = store.merge(shards)
-    distances = merged["distances"].T  # (rounds, N)
-    save_npz_atomic(out / "pseudo_samples.npz", images=merged["images"], labels=merged["labels"], distances=distances,
-                    initial_distances=merged["initial_distances"], queries=merged["queries"])
-    plot_samples(merged["trajectory"][0], merged["trajectory_labels"][0], out / "samples.png")
-    draws, hits = merged["draws"].sum(axis=0), merged["hits"].sum(axis=0)
-    sampling, rounds = int(merged["sampling_queries"].sum(axis=0)), int(merged["queries"].sum(axis=0))
-    manifest = {
-        **run_info,
-        "params": asdict(config),
-        "seed": config.seed,
-        "num_samples": int(len(merged["labels"])),
-        "num_classes": k,
-        "shards": len(shards),
-        "total_queries": sampling + rounds,
-        "rejection_sampling_queries": sampling,
-        "round_queries": rounds,
-        "max_queries_per_sample": int(merged["queries"].max(axis=0)),
-        "noise_draws": int(draws),
-        "acceptance_rates": {str(c): float(hits[c] / max(draws, 1)) for c in range(k)},
-        # Means over the samples whose search found a boundary point; the others (inf) are counted apart.
-        "mean_initial_distance": _finite_mean(merged["initial_distances"]),
-        "mean_distance_per_round": [_finite_mean(d) for d in distances],
-        "no_boundary_found_per_round": [int((~np.isfinite(d)).sum(axis=0)) for d in distances],
-        "seconds": float(merged["shard_seconds"].sum(axis=0)),
-        # Per shard: its noise draws plus its samples' round queries (shards hold consecutive samples).
-        **query_accounting(out, (merged["sampling_queries"] + np.add.reduceat(
-            merged["queries"], np.arange(0, len(merged["queries"]), config.shard_size))).tolist()),
-        "executor": executor or LocalExecutor().summary(),
-        "version": __version__,
-    }
-    write_json(out / "manifest.json", manifest)
-    return manifest
+    info = {**run_info, "teacher_input_shape": list(oracle.input_shape), "num_classes": k,
+            "bounds": list(oracle.bounds)}
+    return run_job(SynthesisJob(config, k), oracle, out_dir, info, executor, progress)
 
 
 def _finite_mean(values: np.ndarray) -> float | None:
@@ -365,10 +318,7 @@ def plot_samples(trajectory: np.ndarray, labels: np.ndarray, path: Path) -> Path
 
     Drawn as one mosaic image (one imshow, not one axes per cell: ten times faster to render).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows, cols, c, h, w = trajectory.shape
     pad = 1
@@ -376,23 +326,21 @@ def plot_samples(trajectory: np.ndarray, labels: np.ndarray, path: Path) -> Path
     for r in range(rows):
         for k in range(cols):
             mosaic[r * (h + pad):r * (h + pad) + h, k * (w + pad):k * (w + pad) + w] = np.moveaxis(trajectory[r, k], 0, -1)
-    fig, ax = plt.subplots(figsize=(0.5 * cols + 1, 0.5 * rows + 0.6))
+    fig = Figure(figsize=(0.5 * cols + 1, 0.5 * rows + 0.6))
+    ax = fig.subplots()
     ax.imshow(mosaic[..., 0] if c == 1 else mosaic.clip(0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([(w + pad) * k + w / 2 for k in range(cols)], [str(k) for k in range(cols)])
     ax.set_yticks([(h + pad) * r + h / 2 for r in range(rows)], [str(int(y)) for y in labels])
     ax.set(xlabel="round", ylabel="class")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
 def load_pseudo_samples(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
     """Images, labels and manifest of a `db3kd synthesize` output directory."""
-    import json
-
     directory = Path(directory)
-    npz, manifest = directory / "pseudo_samples.npz", directory / "manifest.json"
+    npz, manifest = directory / RESULTS, directory / MANIFEST
     for path in (npz, manifest):
         if not path.is_file():
             raise DataError(f"{path} not found: expected the output directory of `db3kd synthesize --out {directory}`")

@@ -1,0 +1,95 @@
+"""The one runner of sharded jobs (soft labels, synthesis, mixtures): resumable, accounted, with progress.
+
+A job supplies what determines its results (`fingerprint`), its shards (`shard_sizes`, and itself called as
+`job(oracle, shard)`, possibly on a Ray worker) and how to turn the merged shards into its results (`merge`,
+which writes them and returns the manifest's job-specific fields). The runner does the rest, the same way for
+every job: the fingerprinted shard store, the to-do list, the progress bar, the executor, the merge, and
+`manifest.json` with the query accounting (`total_queries` = what the job paid before its shards, such as
+reference labels, plus every kept shard's queries; `queries_sent` / `queries_discarded` from attempts.jsonl).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+import numpy as np
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..executors import Executor, LocalExecutor, ShardDone, query_accounting, run_shards
+from ..io import write_json
+from ..oracle import LabelOracle
+from ..shards import ShardStore
+
+MANIFEST = "manifest.json"
+
+
+class ShardedJob:
+    """A shard job the runner can plan, resume and merge (subclasses are picklable dataclasses).
+
+    Subclasses set `name` (the progress bar's label) and `unit` (what it counts), and implement `fingerprint`
+    (everything that determines the results besides `run_info`), `shard_sizes` (units per shard), `__call__`
+    (`job(oracle, shard) -> arrays`, see `db3kd.executors.ShardJob`) and `merge` (write the results from the
+    shards' arrays concatenated in shard order; return the manifest's job-specific fields).
+    """
+
+    name: str
+    unit: str
+    prepaid_queries: int = 0  # queries spent for the whole job before its shards (e.g. the reference labels)
+
+    def prepare(self, oracle: LabelOracle, out: Path) -> None:
+        """Work for the whole job before its shards, with the driver's oracle, once the directory is known to
+        be this job's (e.g. the reference labels); sets `prepaid_queries`."""
+
+    def progress(self, done: ShardDone) -> dict:
+        """Extra figures for the progress bar after a shard (e.g. a mean distance)."""
+        return {}
+
+    def fingerprint(self) -> dict:
+        raise NotImplementedError
+
+    def shard_sizes(self) -> list[int]:
+        raise NotImplementedError
+
+    def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def merge(self, merged: dict[str, np.ndarray], out: Path) -> dict:
+        raise NotImplementedError
+
+
+def run_job(job: ShardedJob, oracle: LabelOracle, out_dir: str | os.PathLike, run_info: dict,
+            executor: Executor | None = None, progress: bool = True) -> dict:
+    """Run the shards of `job` not yet in `out_dir`, merge them all and write `manifest.json`; return it.
+
+    `run_info` (where the data came from: teacher, dataset, split...) goes into the fingerprint and the
+    manifest. `executor` computes the shards (default: in this process, with `oracle`, whose budget then caps
+    the run).
+    """
+    out = Path(out_dir)
+    store = ShardStore(out, {**run_info, **job.fingerprint()})  # another run's directory: refused before any query
+    job.prepare(oracle, out)
+    sizes = job.shard_sizes()
+    todo = [s for s in range(len(sizes)) if not store.done(s)]
+    executor = executor or LocalExecutor()
+    bar = tqdm(total=sum(sizes), initial=sum(sizes) - sum(sizes[s] for s in todo), unit=job.unit, desc=job.name,
+               disable=not progress, mininterval=1 if sys.stderr.isatty() else 30)  # sparse lines in logs
+
+    def written(done: ShardDone) -> None:
+        bar.update(sizes[done.shard])
+        bar.set_postfix(queries_per_s=f"{done.queries / max(done.seconds, 1e-9):,.0f}", **job.progress(done))
+
+    try:
+        summary = run_shards(executor, job, todo, oracle, store, written)
+    finally:
+        bar.close()
+    merged = store.merge(range(len(sizes)))
+    shard_queries = merged.pop("shard_queries")
+    seconds = float(merged.pop("shard_seconds").sum())
+    manifest = {**run_info, **job.merge(merged, out), "shards": len(sizes),
+                "total_queries": job.prepaid_queries + int(shard_queries.sum()),
+                **query_accounting(out, shard_queries.tolist()), "executor": summary, "seconds": seconds,
+                "version": __version__}
+    write_json(out / MANIFEST, manifest)
+    return manifest

@@ -1,0 +1,196 @@
+"""Soft labels for a set of samples: boundary distances toward every class, computed shard by shard.
+
+This is the job behind `db3kd soft-labels`. It asks the teacher for the labels of the reference samples
+(the candidate directions, normally the whole split) once, then runs an SD / BD / MBD estimator over the
+selected samples in shards (`db3kd.jobs.runner`), so an interrupted run resumes where it stopped. The merged
+result is `soft_labels.npz` with distances and the paper's logits, and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BudgetExceededError, ConfigError, DataError
+from ..executors import ATTEMPTS_FILE, AttemptLog, Executor
+from ..io import save_npz
+from ..oracle import LabelOracle
+from ..robustness import ESTIMATORS, distances_to_logits, estimator_from_name
+from .runner import ShardedJob, run_job
+
+RESULTS = "soft_labels.npz"
+
+
+@dataclass
+class SoftLabelConfig:
+    """What determines a soft-label run's results (its shards are refused if any of this changes).
+
+    Args:
+        method: the estimator: sd, bd or mbd (`db3kd.robustness`).
+        params: its hyper-parameters (checked by the estimator itself).
+        seed: seeds randomised estimators (mbd's probes).
+        shard_size: samples per shard: ~4500 pairs, a few seconds of BD work, a small loss on a crash.
+        save_points: also keep the boundary point of every pair (N x K images: for subsets).
+    """
+
+    method: str = "bd"
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    shard_size: int = 500
+    save_points: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ConfigError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+        try:
+            self.estimator = estimator_from_name(self.method, **self.params)
+        except ConfigError as e:  # say which field: an unknown method, or its parameters
+            raise ConfigError(f"{'method' if self.method not in ESTIMATORS else 'params'}: {e}") from None
+
+
+def read_indices(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Dataset indices from a text file (one per line) or a .npy of integers, checked against `size`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"indices file not found: {path}")
+    try:
+        raw = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except ValueError as e:
+        raise DataError(f"{path}: expected one integer dataset index per line (or a .npy of integers): {e}") from e
+    return check_indices(np.asarray(raw), size, str(path))
+
+
+def check_indices(indices: np.ndarray, size: int, source: str = "indices") -> np.ndarray:
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer) or len(indices) == 0:
+        raise DataError(f"{source}: expected a non-empty list of integers, got shape {indices.shape} dtype {indices.dtype}")
+    bad = indices[(indices < 0) | (indices >= size)]
+    if len(bad):
+        raise DataError(f"{source}: index {int(bad[0])} is outside the split's range [0, {size})")
+    unique, counts = np.unique(indices, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"{source}: index {int(unique[counts > 1][0])} appears more than once")
+    return indices.astype(np.int64)
+
+
+def digest(*arrays: np.ndarray) -> str:
+    """SHA-256 of arrays' bytes: what a run records of data no dataset name identifies (indices, pseudo samples)."""
+    h = hashlib.sha256()
+    for array in arrays:
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class SoftLabelJob(ShardedJob):
+    """The estimator over shards of samples (a `db3kd.jobs.runner.ShardedJob`; a shard may run on a Ray worker).
+
+    `reference_labels` are the teacher's labels of `x` when already known (pseudo samples, labelled during
+    synthesis); otherwise `prepare` asks for them once and keeps them in the run directory.
+    """
+
+    config: SoftLabelConfig
+    x: np.ndarray = field(repr=False)  # the whole split: the references
+    indices: np.ndarray = field(repr=False)  # which samples of x get soft labels
+    reference_labels: np.ndarray | None = field(default=None, repr=False)
+    store_images: bool = False  # also store x[indices] (pseudo samples, which no dataset holds)
+    synthesis_queries: int = 0  # what made x (pseudo samples): recorded for the transfer set's cost
+    num_classes: int = 2
+    out: str = ""  # the run directory, for messages
+    prepaid_queries: int = 0
+    unit = "pair"
+
+    @property
+    def name(self) -> str:
+        return f"{self.config.method} soft labels"
+
+    def fingerprint(self) -> dict:
+        c = self.config
+        return {"method": c.method, "params": c.params, "seed": c.seed, "shard_size": c.shard_size,
+                "save_points": c.save_points, "num_samples": len(self.indices),
+                "indices_sha256": digest(self.indices.astype(np.int64)), "split_size": len(self.x)}
+
+    def prepare(self, oracle: LabelOracle, out: Path) -> None:
+        self.out = str(out)
+        if self.reference_labels is None:
+            self.reference_labels, self.prepaid_queries = reference_labels(out, oracle, self.x)
+
+    def chunk(self, shard: int) -> np.ndarray:
+        return self.indices[shard * self.config.shard_size:(shard + 1) * self.config.shard_size]
+
+    def shard_sizes(self) -> list[int]:
+        n = -(-len(self.indices) // self.config.shard_size)
+        return [len(self.chunk(s)) * (self.num_classes - 1) for s in range(n)]
+
+    def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
+        idx = self.chunk(shard)
+        y = self.reference_labels
+        result = self.config.estimator(oracle, self.x[idx], y[idx], self.x, y, seed=self.config.seed,
+                                       return_points=self.config.save_points)
+        if result.budget_exhausted:
+            raise BudgetExceededError(oracle.queries, oracle.budget, 1, advice=(
+                f"It ran out during shard {shard}; finished shards are kept in {self.out}: rerun the same command "
+                "with a larger budget to resume."))
+        arrays = dict(indices=idx, labels=y[idx], distances=result.distances, queries=result.queries)
+        if result.distances_at is not None:
+            arrays["distances_at"] = np.moveaxis(result.distances_at, 0, 1)  # (n, checkpoints, K): concatenable
+            arrays["checkpoints"] = np.array([result.checkpoints])
+        if self.config.save_points:
+            arrays["points"] = result.points
+        return arrays
+
+    def merge(self, merged: dict[str, np.ndarray], out: Path) -> dict:
+        arrays = {key: merged[key] for key in ("indices", "labels", "distances", "queries")}
+        if self.store_images:
+            arrays["images"] = self.x[merged["indices"]]
+        arrays["logits"] = distances_to_logits(merged["distances"], merged["labels"])
+        if "distances_at" in merged:
+            arrays["distances_at"] = np.moveaxis(merged["distances_at"], 1, 0)  # (checkpoints, N, K)
+            arrays["checkpoints"] = merged["checkpoints"][0]
+        if "points" in merged:
+            arrays["points"] = merged["points"]
+        save_npz(out / RESULTS, **arrays)
+        distances, queries = arrays["distances"], arrays["queries"]
+        finite = np.isfinite(distances)
+        pair_mask = finite | (queries > 0)
+        return {"method": self.config.method, "params": self.config.params, "estimator": repr(self.config.estimator),
+                "seed": self.config.seed, "num_samples": int(len(arrays["indices"])),
+                "reference_label_queries": self.prepaid_queries, "estimator_queries": int(queries.sum()),
+                "synthesis_queries": self.synthesis_queries,
+                "queries_per_pair": float(queries.sum() / max(pair_mask.sum(), 1)),
+                "median_distance": float(np.median(distances[finite])) if finite.any() else None}
+
+
+def reference_labels(out: Path, oracle: LabelOracle, reference_x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The teacher's labels of the reference samples, asked once per run directory and kept there."""
+    path = out / "reference_labels.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as cached:
+            return cached["labels"], int(cached["queries"])
+    before = oracle.queries
+    labels = oracle.labels(reference_x)
+    queries = oracle.queries - before
+    save_npz(path, labels=labels, queries=queries)
+    AttemptLog(out / ATTEMPTS_FILE).record("driver", None, 1, queries, kept=True)
+    return labels, queries
+
+
+def compute_soft_labels(oracle: LabelOracle, x: np.ndarray, indices: np.ndarray, config: SoftLabelConfig,
+                        out_dir: str | os.PathLike, run_info: dict, progress: bool = True,
+                        reference_y: np.ndarray | None = None, store_images: bool = False,
+                        synthesis_queries: int = 0, executor: Executor | None = None) -> dict:
+    """Distances and soft labels for `x[indices]`, with `x` (the whole split) as the reference samples, into
+    `out_dir` (soft_labels.npz, manifest.json; resumed from its shards). Returns the manifest.
+
+    `oracle`'s budget caps the run; `run_info` (teacher, dataset, split) goes into the fingerprint and the
+    manifest. For pseudo samples, `reference_y` are their labels (asked during synthesis: none are asked
+    again), `store_images` keeps the images in soft_labels.npz and `synthesis_queries` records what made them.
+    `executor` (`db3kd.executors`) computes the shards, here by default.
+    """
+    job = SoftLabelJob(config, x, indices, None if reference_y is None else np.asarray(reference_y, dtype=np.int64),
+                       store_images, synthesis_queries, oracle.num_classes)
+    info = {**run_info, "teacher_input_shape": list(oracle.input_shape), "num_classes": oracle.num_classes}
+    return run_job(job, oracle, out_dir, info, executor, progress)
