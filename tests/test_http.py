@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response
 
 from db3kd.errors import InputError, TeacherConnectionError, TeacherError
 from db3kd.oracle import LabelOracle
-from db3kd.serve import bind_socket, create_app
+from db3kd.serve import bind_socket, create_app, server_config
 from db3kd.teachers import OnnxBackend, load_teacher
 from db3kd.teachers.http_backend import HttpBackend
 
@@ -52,14 +52,17 @@ def wait_until(condition, what: str, timeout: float = 10.0) -> None:
 
 
 class ServerThread:
-    """uvicorn serving `app` in a background thread on 127.0.0.1:`port` (0: a free port)."""
+    """uvicorn serving `app` in a background thread on 127.0.0.1:`port` (0: a free port): a db3kd app (from
+    `create_app`) configured as `db3kd serve` configures it, any other app with uvicorn's defaults."""
 
     def __init__(self, app, port: int = 0):
         self.app = app
         self.sock = bind_socket("127.0.0.1", port)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="on"))
+        config = (server_config(app, log_level="error") if hasattr(app.state, "service")
+                  else uvicorn.Config(app, log_level="error", lifespan="on"))
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def start(self) -> "ServerThread":
@@ -302,6 +305,12 @@ def test_too_many_images_is_413_from_the_npy_header(server, client):
     assert server.service.images_served == served_before
 
 
+def test_an_absurd_number_of_images_is_413_from_the_npy_header(server, client):
+    answer = client.post("/labels", content=npy_declaring(f"({2**70}, 1, 28, 28)", b"\x00" * 64))
+    assert answer.status_code == 413
+    assert answer.json()["detail"].startswith(f"expected at most {MAX_BATCH} images per request, got {2**70}")
+
+
 def test_too_long_a_body_is_413_from_content_length(server, client):
     answer = client.post("/labels", content=npy(mnist_images(MAX_BATCH * 3)))
     assert answer.status_code == 413
@@ -317,12 +326,21 @@ def test_too_long_a_chunked_body_is_413(server, client):
     assert answer.json()["detail"].startswith("request body exceeds the 204800 bytes of 64 images")
 
 
-def test_http_backend_turns_413_into_an_input_error(server):
+def test_http_backend_splits_a_chunk_larger_than_max_batch(teacher, server):
+    # Once pinned: a chunk over max_batch was sent whole and its 413 raised. The backend now splits it.
+    served_before = server.service.images_served
+    x = mnist_images(MAX_BATCH + 10)
     with HttpBackend(server.url, api_key=KEY) as backend:
         oracle = LabelOracle(backend, chunk_size=MAX_BATCH * 2)
-        with pytest.raises(InputError, match=r"refused the batch \(HTTP 413: request body of \d+ bytes exceeds the \d+ bytes of 64 images"):
-            oracle.labels(mnist_images(MAX_BATCH + 10))
-    assert oracle.queries == 0
+        np.testing.assert_array_equal(oracle.labels(x), in_process_labels(teacher, x))
+    assert oracle.queries == server.service.images_served - served_before == MAX_BATCH + 10
+
+
+def npy_declaring(shape: str, data: bytes = b"") -> bytes:
+    """A .npy file whose float32 header declares `shape` (a Python literal: any tuple, even one np.save would
+    never write), followed by `data`."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}".ljust(117) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + data
 
 
 def _with_bad_version(body: bytes) -> bytes:
@@ -347,6 +365,12 @@ MALFORMED = [
                  id="rank-3"),
     pytest.param(npy(np.zeros((2, 3, 28, 28), np.float32)), r"got \(2, 3, 28, 28\)", id="wrong-channels"),
     pytest.param(npy(np.zeros((), np.float32)), r"got \(\)", id="scalar"),
+    pytest.param(npy_declaring("(-4, 1, 28, 28)", b"\x00" * 64), r"expected images of shape \(n, 1, 28, 28\) with n a "
+                 r"non-negative integer, got \(-4, 1, 28, 28\) in the \.npy header", id="negative-n"),
+    pytest.param(npy_declaring("(True, 1, 28, 28)", b"\x00" * 3136), r"with n a non-negative integer, got "
+                 r"\(True, 1, 28, 28\)", id="boolean-n"),
+    pytest.param(npy_declaring("(1, -1, 28, 28)"), r"expected images of shape \(n, 1, 28, 28\), got \(1, -1, 28, 28\)",
+                 id="negative-channels"),
     pytest.param(npy(np.zeros((2, 1, 28, 28), np.float32))[:-4],
                  r"expected 6272 bytes of image data after the \.npy header for shape \(2, 1, 28, 28\), got 6268",
                  id="truncated"),
@@ -670,7 +694,8 @@ def test_4xx_is_not_retried(garbage_server, status, error_type, message):
     pytest.param({**VALID_INFO, "input_shape": [28, 28]}, id="rank-2-shape"),
     pytest.param({**VALID_INFO, "num_classes": "10"}, id="string-classes"),
     pytest.param({**VALID_INFO, "bounds": [1.0, 0.0]}, id="reversed-bounds"),
-    pytest.param({k: v for k, v in VALID_INFO.items() if k != "max_batch"}, id="no-max-batch"),
+    pytest.param({**VALID_INFO, "max_batch": 0}, id="zero-max-batch"),  # optional, but checked when given
+    pytest.param({k: v for k, v in VALID_INFO.items() if k != "bounds"}, id="no-bounds"),
     pytest.param([1, 2], id="list"),
 ])
 def test_garbage_info_is_a_teacher_error(garbage_server, info):

@@ -6,6 +6,10 @@ from __future__ import annotations
 class DB3KDError(Exception):
     """Base class of every error db3kd raises on purpose."""
 
+    # Set by a backend whose batch needed several requests and failed after the teacher had answered (and so
+    # been paid for) its first `answered` images; `LabelOracle.labels` counts them before re-raising.
+    answered: int = 0
+
 
 class DataError(DB3KDError):
     """A dataset is missing, corrupt or not in the expected format."""
@@ -25,6 +29,10 @@ class TeacherError(DB3KDError):
 
 class TeacherConnectionError(TeacherError):
     """A remote teacher could not be reached, even after retries."""
+
+
+class TeacherRateLimitError(TeacherConnectionError):
+    """A remote teacher kept answering "too many requests" (HTTP 429) for longer than the client would wait."""
 
 
 class BudgetExceededError(DB3KDError):

@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from .errors import BudgetExceededError, InputError, TeacherError
+from .errors import BudgetExceededError, DB3KDError, InputError, TeacherError
 from .teachers.base import LabelBackend
 
 
@@ -107,12 +107,14 @@ class LabelOracle:
         try:
             for start in range(0, n, self.chunk_size):
                 chunk = _clip(xt[start:start + self.chunk_size], lo, hi)
-                answer = self._backend.predict_labels(chunk)
+                try:
+                    answer = self._backend.predict_labels(chunk)
+                except DB3KDError as error:
+                    # A backend that split the chunk may have had its first images answered before failing.
+                    sent += self._count(start, min(error.answered, len(chunk)), id_array)
+                    raise
                 # Counted as soon as the teacher has answered (even with garbage), so no failure hides spent queries.
-                self.queries += len(chunk)
-                sent += len(chunk)
-                if id_array is not None:
-                    self._count_ids(id_array[start:start + len(chunk)])
+                sent += self._count(start, len(chunk), id_array)
                 out[start:start + len(chunk)] = self._check_labels(answer, len(chunk))
         finally:
             if self.ledger is not None and n:
@@ -182,6 +184,13 @@ class LabelOracle:
                 f"expected classes in [0, {self.num_classes})"
             )
         return labels.to(torch.int64)
+
+    def _count(self, start: int, k: int, id_array: np.ndarray | None) -> int:
+        """Count the images start..start+k of the current call as sent; returns k."""
+        self.queries += k
+        if id_array is not None:
+            self._count_ids(id_array[start:start + k])
+        return k
 
     def _count_ids(self, ids: np.ndarray) -> None:
         if not len(ids):

@@ -2,15 +2,21 @@
 
 Protocol (every route needs `Authorization: Bearer KEY` when the service has an API key):
 
-- `GET /info` -> `{"input_shape": [C, H, W], "num_classes": K, "bounds": [lo, hi], "max_batch": N,
-  "images_served": COUNT}`.
+- `GET /info` -> a JSON object. Required fields (a client needs them): `"input_shape": [C, H, W]`,
+  `"num_classes": K`, `"bounds": [lo, hi]`. Optional fields (db3kd serve sends both; a client must work
+  without them): `"max_batch": N`, the most images per request (without it, a client starts from a guess and
+  halves its batches on 413), and `"images_served": COUNT`, the images labelled so far.
 - `POST /labels`, body: a `.npy` file (`np.save`) of float32 images (n, C, H, W), n <= max_batch,
   `Content-Type: application/octet-stream` -> `{"labels": [...]}`, one class per image.
-  Optional header `X-Request-ID`: an idempotency key. A repeated id is answered from memory without
-  labelling (or counting) again, so a client may retry a request whose answer it never received.
+  Optional header `X-Request-ID`: an idempotency key. A repeated id with the same images is answered from
+  memory without labelling (or counting) again, so a client may retry a request whose answer it never received;
+  a repeated id with different images is refused (409), also while the first request is still being labelled.
 
-Errors are JSON `{"detail": "..."}`: 400 malformed body, 401 missing or wrong key, 409 a request id reused
-for a different batch, 413 too many images, 415 wrong content type, 5xx a server-side failure (retry).
+Errors are JSON `{"detail": "..."}`, always: 400 malformed body, 401 missing or wrong key, 408 a body not
+received within the body timeout, 409 a request id reused for a different batch, 413 too many images, 415 wrong
+content type, 429 rate limited (wait `Retry-After` seconds; db3kd serve itself never sends it), 500 the teacher
+failed, 503 busy (retry after `Retry-After` seconds). A refused request's body is read and discarded (up to
+a hard cap) before the answer, so a client that sends its whole body before reading gets the answer.
 
 The service counts every image it runs through the teacher, exactly once (`images_served`).
 """
@@ -19,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import hmac
 import io
 import json
@@ -27,18 +35,24 @@ import math
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import NamedTuple
 
+import h11
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import InputError, TeacherError
 from .oracle import LabelOracle
 from .teachers.base import LabelBackend
 
-__all__ = ["LabelService", "create_app", "run_server"]
+__all__ = ["LabelService", "ServiceLimits", "create_app", "run_server", "server_config"]
 
 log = logging.getLogger("db3kd.serve")
 
@@ -48,14 +62,44 @@ NPY_MAGIC = b"\x93NUMPY"
 # Request ids are client-chosen strings kept in memory; bound them.
 MAX_REQUEST_ID_LENGTH = 128
 ACCEPTED_CONTENT_TYPES = ("application/octet-stream", "application/x-npy")
+# A refused request's body is read and discarded up to this many times the largest accepted body (and at least
+# DRAIN_MINIMUM_BYTES), so that the client gets the answer; a longer body is refused from its header alone.
+DRAIN_FACTOR = 4
+DRAIN_MINIMUM_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """What a service grants each connection and request: they bound memory and time, never connections."""
+
+    # Requests holding a body in memory at once (read, queued for the model or labelled); others wait.
+    request_slots: int = 8
+    # Seconds a request may wait for a slot before a 503 (the teacher is that far behind).
+    queue_timeout: float = 60.0
+    # Seconds to receive a body once reading it starts (a slower client gets 408 and frees its slot).
+    body_timeout: float = 30.0
+    # Seconds for a connection to deliver a request's headers, from its opening or its previous answer;
+    # an idle or trickling connection is closed then.
+    header_timeout: float = 10.0
+
+    def __post_init__(self):
+        if isinstance(self.request_slots, bool) or int(self.request_slots) != self.request_slots or self.request_slots < 1:
+            raise InputError(f"request_slots must be a positive integer, got {self.request_slots!r}")
+        for name in ("queue_timeout", "body_timeout", "header_timeout"):
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be positive seconds, got {getattr(self, name)!r}")
 
 
 class RequestError(Exception):
-    """A request the service refuses; becomes an HTTP error response with `detail` as its message."""
+    """A request the service refuses; becomes an HTTP error response with `detail` as its message.
 
-    def __init__(self, status: int, detail: str):
+    `headers` are added to the response; `drain=False` answers without reading what is left of the body (and
+    closes the connection), for a client too slow to wait for.
+    """
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None, drain: bool = True):
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.headers, self.drain = status, detail, dict(headers or {}), drain
 
 
 class NpyHeader(NamedTuple):
@@ -65,6 +109,14 @@ class NpyHeader(NamedTuple):
     fortran_order: bool
     dtype: np.dtype
     data_offset: int  # where the array's bytes start
+
+
+class RememberedBatch(NamedTuple):
+    """What a request id stands for: its batch (size and digest) and its answer, or the job computing it."""
+
+    n: int
+    digest: bytes
+    answer: bytes | asyncio.Future
 
 
 class LabelService:
@@ -78,10 +130,11 @@ class LabelService:
         max_batch: most images accepted in one request.
         api_key: bearer token every request must carry; None for an open service.
         remembered_requests: how many recent request ids (and their answers) are kept for retries.
+        limits: slots and timeouts (see `ServiceLimits`).
     """
 
     def __init__(self, backend: LabelBackend, max_batch: int = 1024, api_key: str | None = None,
-                 remembered_requests: int = 1024):
+                 remembered_requests: int = 1024, limits: ServiceLimits | None = None):
         if isinstance(max_batch, bool) or int(max_batch) != max_batch or max_batch < 1:
             raise InputError(f"max_batch must be a positive integer, got {max_batch!r}")
         if int(remembered_requests) != remembered_requests or remembered_requests < 1:
@@ -90,16 +143,19 @@ class LabelService:
             raise InputError("api_key must be a non-empty string or None")
         self.backend = backend
         self.max_batch = int(max_batch)
+        self.limits = limits or ServiceLimits()
         # One model call per request (chunk = max_batch): a request is labelled entirely or not at all.
         self._oracle = LabelOracle(backend, chunk_size=self.max_batch)
         self._api_key = None if api_key is None else api_key.encode()
         self._remembered_requests = int(remembered_requests)
-        self._answers: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # request id -> (n, response body)
+        self._answers: OrderedDict[str, RememberedBatch] = OrderedDict()  # request id -> batch and answer body
         self._answers_lock = threading.Lock()
-        self._in_flight: dict[str, asyncio.Future] = {}
+        self._in_flight: dict[str, RememberedBatch] = {}  # request id -> batch and the job labelling it
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db3kd-teacher")
+        self._slots = asyncio.Semaphore(self.limits.request_slots)
         self.image_bytes = 4 * math.prod(backend.input_shape)
         self.max_body_bytes = NPY_HEADER_LIMIT + self.max_batch * self.image_bytes
+        self.drain_limit = max(DRAIN_FACTOR * self.max_body_bytes, DRAIN_MINIMUM_BYTES)
         self.requests_labelled = 0
         self.requests_repeated = 0
 
@@ -126,30 +182,52 @@ class LabelService:
         key_matches = hmac.compare_digest(token.strip().encode(), self._api_key)
         if scheme.lower() != "bearer" or not key_matches:
             raise RequestError(401, "missing or wrong API key: expected header 'Authorization: Bearer KEY' "
-                                    "(db3kd clients: --api-key or $DB3KD_API_KEY)")
+                                    "(db3kd clients: --api-key or $DB3KD_API_KEY)",
+                               headers={"WWW-Authenticate": "Bearer"})
+
+    @contextlib.asynccontextmanager
+    async def request_slot(self) -> AsyncIterator[None]:
+        """Hold one of the `limits.request_slots` (a body in memory) for the duration of the block."""
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.limits.queue_timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(503, f"the service is busy: all {self.limits.request_slots} request slots stayed "
+                                    f"taken for {self.limits.queue_timeout:g} s; retry later",
+                               headers={"Retry-After": "1"}) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def answer(self, images: np.ndarray, request_id: str | None) -> bytes:
         """The JSON response body for `images`, labelling them only if `request_id` was not seen before."""
+        if request_id is None:
+            return await self._run(images, None)
+        batch = RememberedBatch(len(images), batch_digest(images), b"")
+        remembered = self._recall(request_id)
+        if remembered is not None:
+            _check_same_batch(request_id, remembered, batch)
+            self.requests_repeated += 1
+            log.info("request %s repeated: answered from memory, not labelled again", request_id)
+            return remembered.answer
+        pending = self._in_flight.get(request_id)
+        if pending is not None:
+            _check_same_batch(request_id, pending, batch)
+            # A retry of a request still being labelled (the client gave up waiting): share its answer.
+            self.requests_repeated += 1
+            log.info("request %s repeated while being labelled: waiting for the first answer", request_id)
+            return await asyncio.shield(pending.answer)
+        return await self._run(images, batch, request_id)
+
+    async def _run(self, images: np.ndarray, batch: RememberedBatch | None, request_id: str | None = None) -> bytes:
+        job = asyncio.get_running_loop().run_in_executor(self._worker, self._label, images, batch, request_id)
         if request_id is not None:
-            remembered = self._recall(request_id, len(images))
-            if remembered is not None:
-                self.requests_repeated += 1
-                log.info("request %s repeated: answered from memory, not labelled again", request_id)
-                return remembered
-            pending = self._in_flight.get(request_id)
-            if pending is not None:
-                # A retry of a request still being labelled (the client gave up waiting): share its answer.
-                self.requests_repeated += 1
-                log.info("request %s repeated while being labelled: waiting for the first answer", request_id)
-                return await asyncio.shield(pending)
-        job = asyncio.get_running_loop().run_in_executor(self._worker, self._label, images, request_id)
-        if request_id is not None:
-            self._in_flight[request_id] = job
+            self._in_flight[request_id] = batch._replace(answer=job)
             job.add_done_callback(lambda _: self._in_flight.pop(request_id, None))
         # shield: if this request is cancelled, the model call still finishes and its answer is remembered.
         return await asyncio.shield(job)
 
-    def _label(self, images: np.ndarray, request_id: str | None) -> bytes:
+    def _label(self, images: np.ndarray, batch: RememberedBatch | None, request_id: str | None) -> bytes:
         # Worker thread. Counting and remembering happen here, together with the model call, so a request
         # whose client has vanished is still counted once and answered from memory when retried.
         labels = self._oracle.labels(images)
@@ -157,24 +235,33 @@ class LabelService:
         self.requests_labelled += 1
         if request_id is not None:
             with self._answers_lock:
-                self._answers[request_id] = (len(images), body)
+                self._answers[request_id] = batch._replace(answer=body)
                 while len(self._answers) > self._remembered_requests:
                     self._answers.popitem(last=False)
         return body
 
-    def _recall(self, request_id: str, n: int) -> bytes | None:
+    def _recall(self, request_id: str) -> RememberedBatch | None:
         with self._answers_lock:
             remembered = self._answers.get(request_id)
-            if remembered is None:
-                return None
-            self._answers.move_to_end(request_id)
-        if remembered[0] != n:
-            raise RequestError(409, f"X-Request-ID {request_id!r} was already used for a batch of {remembered[0]} "
-                                    f"images, got {n}; send a fresh id for every new batch")
-        return remembered[1]
+            if remembered is not None:
+                self._answers.move_to_end(request_id)
+        return remembered
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+
+
+def batch_digest(images: np.ndarray) -> bytes:
+    """A digest of a C-contiguous batch (shape and pixels): a request id's batch is known by it."""
+    digest = hashlib.blake2b(repr(images.shape).encode(), digest_size=16)
+    digest.update(images.reshape(-1).view(np.uint8))
+    return digest.digest()
+
+
+def _check_same_batch(request_id: str, known: RememberedBatch, batch: RememberedBatch) -> None:
+    if (known.n, known.digest) != (batch.n, batch.digest):
+        raise RequestError(409, f"X-Request-ID {request_id!r} was already used for a batch of {known.n} images, "
+                                f"got {batch.n} different images; send a fresh id for every new batch")
 
 
 def parse_npy_header(data: bytes | bytearray) -> NpyHeader | None:
@@ -214,7 +301,7 @@ def parse_npy_header(data: bytes | bytearray) -> NpyHeader | None:
 
 
 def check_npy_header(header: NpyHeader, input_shape: tuple[int, ...], max_batch: int) -> None:
-    """Refuse a .npy header that is not float32 (n, *input_shape) with n <= max_batch."""
+    """Refuse a .npy header that is not float32 (n, *input_shape) with 0 <= n <= max_batch."""
     shape, dtype = header.shape, header.dtype
     if dtype != np.dtype("<f4"):
         raise RequestError(400, f"expected float32 images (dtype '<f4'), got dtype {dtype.str!r}"
@@ -222,6 +309,10 @@ def check_npy_header(header: NpyHeader, input_shape: tuple[int, ...], max_batch:
     expected = f"(n, {', '.join(map(str, input_shape))})"
     if len(shape) != 4 or shape[1:] != tuple(input_shape):
         raise RequestError(400, f"expected images of shape {expected}, got {shape}")
+    # NumPy's header reader takes any Python int, so n may be negative or a bool (True == 1).
+    if type(shape[0]) is not int or shape[0] < 0:
+        raise RequestError(400, f"expected images of shape {expected} with n a non-negative integer, got "
+                                f"{shape!r} in the .npy header")
     if shape[0] > max_batch:
         raise RequestError(413, f"expected at most {max_batch} images per request, got {shape[0]}; "
                                 "split the batch (GET /info gives max_batch)")
@@ -239,22 +330,45 @@ def decode_npy(body: bytearray, header: NpyHeader) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
-async def read_npy_body(request: Request, service: LabelService) -> tuple[bytearray, NpyHeader]:
-    """The request's body and parsed .npy header, refusing oversized or malformed bodies as early as possible."""
+def check_body_headers(request: Request, service: LabelService) -> None:
+    """Refuse from its headers alone a body of the wrong type or declared longer than any accepted."""
     content_type = request.headers.get("content-type", "application/octet-stream").split(";")[0].strip().lower()
     if content_type not in ACCEPTED_CONTENT_TYPES:
         raise RequestError(415, f"expected Content-Type application/octet-stream (a .npy file), got {content_type!r}")
+    declared = _content_length(request)
+    if declared is not None and declared > service.max_body_bytes:
+        raise RequestError(413, f"request body of {declared} bytes exceeds the {service.max_body_bytes} bytes "
+                                f"of {service.max_batch} images; split the batch (GET /info gives max_batch)")
+
+
+def _content_length(request: Request) -> int | None:
     declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(400, f"expected a non-negative integer Content-Length, got {declared!r}")
-        declared = int(declared)
-        if declared > service.max_body_bytes:
-            raise RequestError(413, f"request body of {declared} bytes exceeds the {service.max_body_bytes} bytes "
-                                    f"of {service.max_batch} images; split the batch (GET /info gives max_batch)")
+    if declared is None:
+        return None
+    if not declared.isdigit():
+        raise RequestError(400, f"expected a non-negative integer Content-Length, got {declared!r}", drain=False)
+    return int(declared)
+
+
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive, noting in `request.state` whether it has started and ended
+    (`drain_body` must know: asking for more after the end would wait forever). ClientDisconnect if the client goes."""
+    state = request.state
+    while not getattr(state, "body_complete", False):
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        state.body_started = True
+        state.body_complete = not message.get("more_body", False)
+        if message.get("body"):
+            yield message["body"]
+
+
+async def read_npy_body(request: Request, service: LabelService) -> tuple[bytearray, NpyHeader]:
+    """The request's body and parsed .npy header, refusing oversized or malformed bodies as early as possible."""
     body = bytearray()
     header = None
-    async for chunk in request.stream():
+    async for chunk in body_chunks(request):
         body += chunk
         if len(body) > service.max_body_bytes:
             raise RequestError(413, f"request body exceeds the {service.max_body_bytes} bytes of "
@@ -270,6 +384,46 @@ async def read_npy_body(request: Request, service: LabelService) -> tuple[bytear
     return body, header
 
 
+async def read_npy_body_in_time(request: Request, service: LabelService) -> tuple[bytearray, NpyHeader]:
+    """`read_npy_body`, refused with 408 if the body takes longer than `limits.body_timeout` to arrive."""
+    try:
+        return await asyncio.wait_for(read_npy_body(request, service), service.limits.body_timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"expected the request body within {service.limits.body_timeout:g} s, "
+                                "got only part of it; send it faster or in smaller batches", drain=False) from None
+
+
+async def drain_body(request: Request, limit: int, timeout: float) -> bool:
+    """Read and discard what is left of the request body, so that a client still sending it gets the answer:
+    closing a socket with unread data resets the connection, and the client sees only the reset.
+
+    Returns False (the connection must then be closed) for a body of more than `limit` bytes, one not
+    received within `timeout` seconds, or one the client has not started sending because it waits for
+    `100 Continue` (it then reads the answer instead of sending the body).
+    """
+    state = request.state
+    if getattr(state, "body_complete", False):
+        return True
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return False
+    if not getattr(state, "body_started", False) and "100-continue" in request.headers.get("expect", "").lower():
+        return False
+
+    async def discard() -> bool:
+        drained = 0
+        async for chunk in body_chunks(request):
+            drained += len(chunk)
+            if drained > limit:
+                return False
+        return True
+
+    try:
+        return await asyncio.wait_for(discard(), timeout)
+    except (asyncio.TimeoutError, ClientDisconnect):
+        return False
+
+
 def _request_id(value: str | None) -> str | None:
     if value is None:
         return None
@@ -280,12 +434,14 @@ def _request_id(value: str | None) -> str | None:
 
 
 def create_app(backend: LabelBackend, max_batch: int = 1024, api_key: str | None = None,
-               remembered_requests: int = 1024) -> FastAPI:
+               remembered_requests: int = 1024, limits: ServiceLimits | None = None) -> FastAPI:
     """The FastAPI application serving `backend` (see the module docstring for the protocol).
 
-    The `LabelService` behind it is `app.state.service` (its `images_served` is the image count).
+    The `LabelService` behind it is `app.state.service` (its `images_served` is the image count). Serve it
+    with `server_config(app)`, which applies its `limits.header_timeout`.
     """
-    service = LabelService(backend, max_batch=max_batch, api_key=api_key, remembered_requests=remembered_requests)
+    service = LabelService(backend, max_batch=max_batch, api_key=api_key, remembered_requests=remembered_requests,
+                           limits=limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -301,8 +457,23 @@ def create_app(backend: LabelBackend, max_batch: int = 1024, api_key: str | None
     @app.exception_handler(RequestError)
     async def refuse(request: Request, error: RequestError) -> JSONResponse:
         log.warning("%s %s refused (%d): %s", request.method, request.url.path, error.status, error.detail)
-        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        headers = dict(error.headers)
+        if not (error.drain and await drain_body(request, service.drain_limit, service.limits.body_timeout)):
+            headers["Connection"] = "close"  # the rest of the body is still coming: this connection is done
         return JSONResponse({"detail": error.detail}, status_code=error.status, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, error: ClientDisconnect) -> JSONResponse:
+        # A client that gave up (timeout, Ctrl+C) is no fault of the service: one line, no traceback.
+        log.warning("%s %s: the client disconnected before sending its whole request; nothing was labelled",
+                    request.method, request.url.path)
+        return JSONResponse({"detail": "client disconnected"}, status_code=400)  # never delivered
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, error: Exception) -> JSONResponse:
+        # A bug; Starlette still re-raises it afterwards, so the traceback is logged.
+        return JSONResponse({"detail": f"internal error of the label service ({type(error).__name__}); "
+                                       "see its log"}, status_code=500)
 
     @app.get("/info")
     async def info(request: Request) -> JSONResponse:
@@ -313,17 +484,91 @@ def create_app(backend: LabelBackend, max_batch: int = 1024, api_key: str | None
     async def labels(request: Request) -> Response:
         service.check_auth(request.headers.get("authorization"))
         request_id = _request_id(request.headers.get("x-request-id"))
-        body, header = await read_npy_body(request, service)
-        images = decode_npy(body, header)
-        try:
-            answer = await service.answer(images, request_id)
-        except InputError as e:  # NaN or inf pixels, found by the oracle before the teacher sees them
-            raise RequestError(400, str(e)) from e
-        except TeacherError as e:  # the model itself failed: a server-side error the client may retry
-            raise RequestError(500, f"the teacher failed: {e}") from e
+        check_body_headers(request, service)
+        async with service.request_slot():
+            body, header = await read_npy_body_in_time(request, service)
+            images = decode_npy(body, header)
+            try:
+                answer = await service.answer(images, request_id)
+            except InputError as e:  # NaN or inf pixels, found by the oracle before the teacher sees them
+                raise RequestError(400, str(e)) from e
+            except TeacherError as e:  # the model itself failed: a server-side error the client may retry
+                raise RequestError(500, f"the teacher failed: {e}") from e
         return Response(answer, media_type="application/json")
 
     return app
+
+
+class _H11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, plus two guards against idle or careless clients.
+
+    - A connection must deliver each request's headers within `header_timeout` seconds of its opening or of
+      its previous answer, else it is closed: an idle or trickling connection holds a socket, never for long.
+      (uvicorn alone times out only idle keep-alive connections, and resets that timer on every byte.)
+    - Malformed HTTP gets the protocol's JSON error, not uvicorn's plain text.
+    """
+
+    def __init__(self, *args, header_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._header_timeout = header_timeout
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:  # a request's headers have arrived
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # before: the super call may go on to a pipelined request's headers
+        super().on_response_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"detail": f"expected an HTTP/1.1 request, got malformed HTTP ({msg})"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self._header_timeout, self._headers_too_late)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_late(self) -> None:
+        self._header_timer = None
+        if not self.transport.is_closing():
+            log.debug("closing a connection that sent no complete request within %g s", self._header_timeout)
+            self.transport.close()
+
+
+def server_config(app: FastAPI, log_level: str = "info") -> uvicorn.Config:
+    """The uvicorn configuration serving `app` (from `create_app`) as `db3kd serve` does.
+
+    No connection limit: uvicorn's `limit_concurrency` counts open connections, so idle ones would turn
+    everyone away. Memory is bounded by the service's request slots instead, and time by its timeouts.
+    """
+    limits = app.state.service.limits
+    return uvicorn.Config(
+        app, log_level=log_level, lifespan="on",
+        # Per-request access lines only when debugging: a training run sends thousands of requests.
+        access_log=log_level == "debug",
+        # h11 explicitly: the header timeout is built on its protocol class (httptools would be chosen if installed).
+        http=functools.partial(_H11Protocol, header_timeout=limits.header_timeout),
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -350,22 +595,13 @@ def service_url(sock: socket.socket) -> str:
 
 
 def run_server(backend: LabelBackend, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch: int = 1024, log_level: str = "info") -> None:
+               max_batch: int = 1024, log_level: str = "info", limits: ServiceLimits | None = None) -> None:
     """Serve `backend` until interrupted (Ctrl+C / SIGTERM); prints the URL once the port is open."""
-    import uvicorn
-
-    app = create_app(backend, max_batch=max_batch, api_key=api_key)
+    app = create_app(backend, max_batch=max_batch, api_key=api_key, limits=limits)
     sock = bind_socket(host, port)
     url = service_url(sock)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can query the teacher", host)
     print(f"db3kd serve: {backend.name} at {url} (max_batch {max_batch}, "
           f"{'API key required' if api_key else 'no API key'})", flush=True)
-    config = uvicorn.Config(
-        app, log_level=log_level, lifespan="on",
-        # Per-request access lines only when debugging: a training run sends thousands of requests.
-        access_log=log_level == "debug",
-        # Bounds the bodies held in memory at once; over the limit a client gets 503 and retries.
-        limit_concurrency=64,
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(server_config(app, log_level=log_level)).run(sockets=[sock])

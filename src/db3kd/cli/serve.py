@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from ..serve import run_server
     from ..teachers import load_teacher
 
+    if args.api_key is not None and not args.api_key.strip():
+        # An empty key would silently start an open service: whoever set it meant to protect the teacher.
+        raise ConfigError(f"--api-key: expected a non-empty key, got {args.api_key!r} (from --api-key or "
+                          "$DB3KD_API_KEY); omit both for an open service")
     if args.max_batch < 1:
         raise ConfigError(f"--max-batch: expected a positive integer, got {args.max_batch}")
     if args.threads is not None and args.threads < 1:
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     backend = load_teacher(args.model, **options)
     try:
-        run_server(backend, host=args.host, port=args.port, api_key=args.api_key or None,
+        run_server(backend, host=args.host, port=args.port, api_key=args.api_key,
                    max_batch=args.max_batch, log_level=args.log_level)
     except OSError as e:  # port taken, address not available: the user's to fix, no traceback needed
         raise ConfigError(e.strerror or str(e)) from e
