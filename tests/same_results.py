@@ -78,10 +78,16 @@ def fingerprint(tmp: Path) -> dict:
         students = {str(p.parent.relative_to(run_dir)): student(json.loads(p.read_text()))
                     for p in sorted(run_dir.glob("students/*/metrics.json"))}
         out[name] = {"arrays": arrays, "students": students}
-    summary = run_demo(tmp / "demo", epochs=2, progress=False,
-                       synthesis={"per_class": 5, "queries_per_sample": 200, "rounds": 2},
-                       mixtures={"count": 500})
-    out["demo"] = [{k: r[k] for k in ("model", "test_accuracy", "fidelity", "teacher_queries")} for r in summary["rows"]]
+    run_demo(tmp / "demo", epochs=2, progress=False, synthesis={"per_class": 5, "queries_per_sample": 200, "rounds": 2},
+             mixtures={"count": 500})
+    rows = {"teacher": "teacher", "student, CE on top-1 labels": "data/students/ce-lenet5-half-seed0",
+            "student, DB3KD-BD": "data/students/bd-lenet5-half-seed0",
+            "student, ZSDB3KD-BD (zero-shot)": "zero-shot/students/bd-lenet5-half-seed0"}
+    out["demo"] = []
+    for model, path in rows.items():
+        metrics = json.loads((tmp / "demo" / path / "metrics.json").read_text())
+        out["demo"].append({"model": model, "test_accuracy": metrics["test_accuracy"], "fidelity": metrics.get("fidelity"),
+                            "teacher_queries": None if model == "teacher" else metrics["teacher_queries"]["total"]})
     return out
 
 

@@ -48,10 +48,10 @@ def test_recipes_stay_within_their_ranges():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(count=0), "count must be an integer >= 1"),
+    (dict(count=0), "count must be a positive integer, got 0"),
     (dict(count=5, max_shift=-1), "max_shift must be an integer >= 0"),
     (dict(count=5, min_brightness=0), r"min_brightness must be a number in \(0, 1\]"),
-    (dict(count=5, shard_size=1.5), "shard_size must be an integer"),
+    (dict(count=5, shard_size=1.5), "shard_size must be a positive integer, got 1.5"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):

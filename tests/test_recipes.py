@@ -111,6 +111,24 @@ def test_only_standard_kd_reads_teacher_logits(base_run):
     assert all("_standard_kd_stage" in stack for stack in callers)
 
 
+def test_one_student_shows_one_cost_in_the_cli_the_recipe_and_the_report(base_run, tmp_path):
+    """The teacher queries behind a student are computed once (TransferCost.total): `db3kd distill` on a
+    recipe's soft labels, the recipe's own student and the report's row agree."""
+    from db3kd.cli import main
+    from db3kd.report import collect, summarise
+
+    _, run_dir, _, _ = base_run
+    assert main(["distill", "--transfer", str(run_dir / "soft_labels/bd"), "--student", "lenet5-fifth", "--dataset",
+                 "digits", "--epochs", "1", "--out", str(tmp_path / "cli")]) == 0
+    cli = json.loads((tmp_path / "cli/metrics.json").read_text())["teacher_queries"]
+    recipe = json.loads((run_dir / "students/bd-lenet5-fifth-seed0/metrics.json").read_text())["teacher_queries"]
+    manifest = json.loads((run_dir / "soft_labels/bd/manifest.json").read_text())
+    rows = summarise(collect(run_dir, plan_stages(load_recipe(run_dir / "recipe.resolved.yaml", check_files=False)))[0])
+    row = next(r for r in rows if r["label"] == "bd")
+    assert cli == recipe and cli["total"] == row["queries"] == manifest["total_queries"]
+    assert cli["labels"] == 120 and cli["soft_labels"] == manifest["estimator_queries"] and cli["evaluation"] == 359
+
+
 def test_rerun_skips_every_stage(tmp_path, copied_run):
     before = stage_mtimes(copied_run)
     statuses = run(tiny_recipe_from(copied_run), tmp_path, copied_run)

@@ -48,8 +48,8 @@ def test_training_is_reproducible_with_a_seed():
 @pytest.mark.parametrize("field,value,match", [
     ("epochs", 0, "epochs must be a positive integer"),
     ("batch_size", 2.5, "batch_size must be a positive integer"),
-    ("lr", -1.0, "lr must be a positive number"),
-    ("weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("lr", -1.0, r"lr must be a number in \(0, inf\), got -1.0"),
+    ("weight_decay", -0.1, r"weight_decay must be a number in \[0, inf\), got -0.1"),
 ], ids=["zero-epochs", "float-batch", "negative-lr", "negative-decay"])
 def test_train_config_rejects_bad_values(field, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -119,30 +119,33 @@ def test_demo_runs_the_whole_path(tmp_path, capsys, monkeypatch):
     # A smaller zero-shot synthesis than the demo's (30 pseudo samples): the same path, in seconds.
     monkeypatch.setattr(demo, "DEMO_SYNTHESIS", {"per_class": 3, "queries_per_sample": 200, "rounds": 2, "shard_size": 10})
     monkeypatch.setattr(demo, "DEMO_MIXTURES", {"count": 300, "max_shift": 1})
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--epochs", "3"]) == 0
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    teacher, ce, bd, zero_shot = summary["rows"]
-    assert teacher["teacher_queries"] is None and teacher["test_accuracy"] > 0.5
-    assert ce["teacher_queries"] == summary["train_samples"]  # one top-1 label per training image
-    manifest = json.loads((tmp_path / "demo" / "data" / "soft_labels" / "bd" / "manifest.json").read_text())
-    assert bd["teacher_queries"] == manifest["total_queries"] > summary["train_samples"]
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "3"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_accuracy"] > 0.5 and summary["run_dirs"] == [str(out / "data"), str(out / "zero-shot")]
+
+    def metrics(path: str) -> dict:
+        return json.loads((out / path / "metrics.json").read_text())
+
+    ce, bd = metrics("data/students/ce-lenet5-half-seed0"), metrics("data/students/bd-lenet5-half-seed0")
+    assert ce["teacher_queries"]["total"] == ce["teacher_queries"]["labels"] == summary["train_samples"]
+    manifest = json.loads((out / "data" / "soft_labels" / "bd" / "manifest.json").read_text())
+    assert bd["teacher_queries"]["total"] == manifest["total_queries"] > summary["train_samples"]
     assert 0 < bd["fidelity"] <= 1 and 0 < ce["fidelity"] <= 1
     # Zero-shot: the student's queries are the synthesis's, the soft labels' (which label nothing again) and
     # the mixtures' (one each).
-    synth = json.loads((tmp_path / "demo" / "zero-shot" / "synthesize" / "manifest.json").read_text())
-    soft = json.loads((tmp_path / "demo" / "zero-shot" / "soft_labels" / "bd" / "manifest.json").read_text())
-    assert summary["pseudo_samples"] == 30 and soft["reference_label_queries"] == 0
-    assert summary["mixtures"] == summary["mixture_queries"] == 300
-    assert zero_shot["teacher_queries"] == synth["total_queries"] + soft["total_queries"] + 300 == (
-        summary["synthesis_queries"] + summary["zero_shot_soft_label_queries"] + summary["mixture_queries"])
-    assert 0 <= zero_shot["fidelity"] <= 1
-    metrics = json.loads((tmp_path / "demo" / "zero-shot" / "students" / "bd-lenet5-half-seed0" / "metrics.json").read_text())
-    assert metrics["train_samples"] == 30 + 300 and metrics["transfer_set"] == "synthesized"
-    assert metrics["teacher_queries"]["mixtures"] == 300
-    out = capsys.readouterr().out
-    assert "DB3KD-BD" in out and "CE on top-1 labels" in out
-    assert "| student, ZSDB3KD-BD (zero-shot) " in out and "Zero-shot: 30 pseudo samples synthesized from noise" in out
-    assert "300 teacher-labelled mixtures of them (300)" in out
+    zero_shot = metrics("zero-shot/students/bd-lenet5-half-seed0")
+    synth = json.loads((out / "zero-shot" / "synthesize" / "manifest.json").read_text())
+    soft = json.loads((out / "zero-shot" / "soft_labels" / "bd" / "manifest.json").read_text())
+    assert synth["num_samples"] == 30 and soft["reference_label_queries"] == 0
+    assert zero_shot["teacher_queries"] == {"synthesis": synth["total_queries"], "labels": 0,
+                                            "soft_labels": soft["estimator_queries"], "mixtures": 300,
+                                            "evaluation": 359, "total": synth["total_queries"] + soft["total_queries"] + 300}
+    assert zero_shot["train_samples"] == 30 + 300 and zero_shot["transfer_set"] == "synthesized"
+    printed = capsys.readouterr().out
+    assert "| ce | lenet5-half | train split, 1,438 images" in printed and "| bd | lenet5-half | synthesized, 30 pseudo " \
+        "samples + 300 mixtures" in printed
+    assert (out / "data" / "report.md").is_file() and (out / "zero-shot" / "accuracy_vs_queries.png").is_file()
 
 
 def test_standard_kd_baseline_reads_logits_and_says_so(digits_teacher, tmp_path, monkeypatch):

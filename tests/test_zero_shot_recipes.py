@@ -225,7 +225,7 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("transfer.subset", 100, r"^transfer\.subset: expected no subset with synthesize"),
     ("soft_labels.mbd.subset", 31,
      r"^soft_labels\.mbd\.subset: expected at most transfer\.synthesize\.per_class x 10 classes = 30, got 31$"),
-    ("transfer.mixtures", {"count": 0}, r"^transfer\.mixtures\.count: must be an integer >= 1, got 0$"),
+    ("transfer.mixtures", {"count": 0}, r"^transfer\.mixtures\.count: must be a positive integer, got 0$"),
     ("transfer.mixtures", {"max_shift": 1}, r"^transfer\.mixtures\.count: missing; MixtureConfig needs count$"),
     ("transfer.mixtures", {"count": 5, "max_shfit": 1},
      r"^transfer\.mixtures\.max_shfit: unknown key; expected one of count, max_shift, min_brightness, seed, shard_size$"),

@@ -48,7 +48,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .io import write_json, write_text
-from .recipe import Recipe, recipe_to_dict
+from .recipe import Recipe
 from .teachers import TeacherSpec
 from .transfer import TransferCost, TransferSet
 
@@ -233,13 +233,13 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
 
     run_dir = Path(run_dir if run_dir is not None else recipe.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = recipe_to_dict(dataclasses.replace(recipe, run_dir=str(run_dir)))
+    resolved = dataclasses.asdict(dataclasses.replace(recipe, run_dir=str(run_dir)))  # every default filled in
     write_text(run_dir / RESOLVED_RECIPE, yaml.safe_dump(resolved, sort_keys=False))
     context = _Context(recipe, run_dir, api_key, progress)
     stages = plan_stages(recipe, context.teacher.identity())
     runners = {"synthesize": _synthesize_stage, "mixtures": _mixtures_stage, "soft_labels": _soft_label_stage,
                "distill": _distill_stage, "ce": _ce_stage, "standard-kd": _standard_kd_stage}
-    if any(stage.kind in SHARDED and not _is_done(run_dir / stage.name, stage) for stage in stages):
+    if any(stage.kind in SHARDED and _status(run_dir / stage.name, stage) != "done" for stage in stages):
         context.executor  # noqa: B018 - made now, so a missing Ray or a bad address fails before any query
     records = []
     for i, stage in enumerate(stages, 1):
@@ -265,19 +265,17 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
 SHARDED = ("synthesize", "mixtures", "soft_labels")  # the stage kinds whose shards the executor computes
 
 
-def _is_done(out: Path, stage: Stage) -> bool:
-    state = read_stage(out)
-    return state is not None and state.get("hash") == stage.hash and state.get("status") == "done"
+def _status(out: Path, stage: Stage) -> str | None:
+    """'done' or 'running' if `out` holds this stage with this hash, else None."""
+    state = read_stage(out) or {}
+    return state.get("status") if state.get("hash") == stage.hash else None
 
 
 def _prepare(out: Path, stage: Stage) -> str:
     """'skipped' if `out` is done with this hash; else make it ready: resumed if it was running this hash, else clean."""
-    state = read_stage(out)
-    if state is not None and state.get("hash") == stage.hash:
-        if state.get("status") == "done":
-            return "skipped"
-        if state.get("status") == "running":
-            return "resume"
+    status = _status(out, stage)
+    if status in ("done", "running"):
+        return "skipped" if status == "done" else "resume"
     if out.exists():
         shutil.rmtree(out)  # another config's results: never mixed with this one's
     out.mkdir(parents=True)

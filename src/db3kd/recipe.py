@@ -44,7 +44,7 @@ from .teachers import TeacherSpec
 from .training import TrainConfig
 
 __all__ = ["BASELINES", "DatasetSpec", "Recipe", "SoftLabelStageSpec", "StudentsSpec",
-           "TransferSpec", "load_recipe", "parse_recipe", "recipe_to_dict"]
+           "TransferSpec", "load_recipe", "parse_recipe"]
 
 BASELINES = ("ce", "standard-kd")
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.]*$")  # a directory name; no '-', which separates name parts
@@ -61,10 +61,6 @@ class _FieldError(ConfigError):
 def _expect(ok: bool, name: str, expected: str, value) -> None:
     if not ok:
         raise _FieldError(name, f"expected {expected}, got {value!r}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -244,11 +240,6 @@ def parse_recipe(raw, base_dir: str | os.PathLike = ".", check_files: bool = Tru
     return recipe
 
 
-def recipe_to_dict(recipe: Recipe) -> dict:
-    """Plain data for `recipe.resolved.yaml` (every default filled in, paths resolved)."""
-    return dataclasses.asdict(recipe)
-
-
 def _build(cls, raw, where: str):
     """Instantiate dataclass `cls` from mapping `raw`, checking keys and value types; `where` names the place."""
     if not isinstance(raw, dict):
@@ -298,11 +289,9 @@ def _convert(value, hint, where: str):
         return {k: _convert(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if hint is bool:
         ok = isinstance(value, bool)
-    elif hint is int:
-        ok = _is_int(value)
-    elif hint is float:
-        ok = (_is_int(value) or isinstance(value, float))
-        value = float(value) if ok else value
+    elif hint in (int, float):  # bools are not numbers here; an int is a valid float
+        ok = isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok and hint is float else value
     elif hint is str:
         ok = isinstance(value, str)
     else:  # pragma: no cover - a type this loader does not know is a bug in the dataclasses above

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checks import integer, number
 from .errors import ConfigError
 from .losses import KDLoss
 
@@ -27,14 +28,11 @@ class TrainConfig:
     device: str | None = None  # None: CUDA when present, else CPU
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        integer(self.epochs, "epochs", 1)
+        integer(self.batch_size, "batch_size", 1)
+        number(self.lr, "lr", 0, math.inf, closed="none")
+        number(self.weight_decay, "weight_decay", 0, math.inf, closed="low")
+        integer(self.seed, "seed")
 
 
 @dataclass

@@ -1,9 +1,7 @@
 """Transfer sets: the images a student learns from, their labels and soft labels, and what they cost.
 
-The cost travels with the data: a `TransferSet` carries a `TransferCost`, the teacher queries that bought its
-rows (synthesis of pseudo samples, labels, soft labels, mixtures), built where the data is read and summed in
-one place (`TransferCost.total`). Students write it to their metrics.json and the report reads it back, so
-the CLI, recipes, the demo and the report all show the same total for the same student.
+The cost travels with the data (`TransferCost`, summed in one place: `total`); students write it to their
+metrics.json and the report reads it back, so every path shows the same total for the same student.
 """
 
 from __future__ import annotations

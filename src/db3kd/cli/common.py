@@ -51,14 +51,9 @@ def add_executor_args(parser: argparse.ArgumentParser, default: str | None = "lo
                        help="further attempts at a shard whose Ray worker died (default 3)")
 
 
-def make_executor(args, base=None):
-    """The executor the command line asks for (`--executor` and the Ray options over `base`, a recipe's
-    `ExecutorConfig`); Ray options are refused for a local executor."""
-    return executor_config(args, base).build(teacher_spec(args))
-
-
 def executor_config(args, base=None):
-    """`base` (default local) overridden by `--executor` and the Ray options; errors name the option."""
+    """The `ExecutorConfig` the command line asks for: `base` (a recipe's; default local) overridden by
+    `--executor` and the Ray options, which are refused for a local executor; errors name the option."""
     from dataclasses import replace
 
     from ..errors import ConfigError

@@ -17,20 +17,11 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..demo import run_demo
+    from ..report import write_report
 
     s = run_demo(args.out, epochs=args.epochs, seed=args.seed)
-    print(f"\ndb3kd demo on {s['dataset']} ({s['train_samples']} train / {s['test_samples']} test images); "
-          f"results in {args.out}/")
-    print(f"BD soft labels: median boundary distance {s['bd_median_distance']:.3f}, "
-          f"{s['bd_queries_per_pair']:.1f} queries per (sample, class) pair")
-    print(f"Zero-shot: {s['pseudo_samples']:,} pseudo samples synthesized from noise ({s['synthesis_queries']:,} teacher "
-          f"queries), BD soft labels on them ({s['zero_shot_soft_label_queries']:,}), {s['mixtures']:,} teacher-labelled "
-          f"mixtures of them ({s['mixture_queries']:,}); no real training image\n")
-    print(f"| {'model':<32} | {'arch':<12} | test accuracy | fidelity | teacher queries | seconds |")
-    print(f"| {'-' * 32} | {'-' * 12} | ------------- | -------- | --------------- | ------- |")
-    for r in s["rows"]:
-        fidelity = f"{r['fidelity']:.4f}" if r["fidelity"] is not None else "-"
-        queries = f"{r['teacher_queries']:,}" if r["teacher_queries"] is not None else "-"
-        print(f"| {r['model']:<32} | {r['arch']:<12} | {r['test_accuracy']:>13.4f} | {fidelity:>8} | "
-              f"{queries:>15} | {r['seconds']:>7.0f} |")
+    print(f"\ndb3kd demo on {s['dataset']} ({s['train_samples']} train / {s['test_samples']} test images): the "
+          f"teacher has test accuracy {s['teacher_accuracy']:.4f}; its students learnt from its labels alone.\n")
+    for run_dir in s["run_dirs"]:
+        print(write_report(run_dir))
     return 0

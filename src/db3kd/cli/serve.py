@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
 from ..errors import ConfigError
 
@@ -34,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..serve import run_server
-    from ..teachers import load_teacher
+    from ..teachers import TeacherSpec
 
     if args.api_key is not None and not args.api_key.strip():
         # An empty key would silently start an open service: whoever set it meant to protect the teacher.
@@ -46,21 +45,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads: expected a positive integer, got {args.threads}")
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: expected 0 to 65535, got {args.port}")
-    if args.model.startswith(("http://", "https://")):
+    teacher = TeacherSpec.parse(args.model)
+    if not teacher.is_file:
         raise ConfigError(f"MODEL: expected a .pt or .onnx file to serve, got the URL {args.model!r}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {}
-    if Path(args.model).suffix.lower() == ".onnx":
-        options["threads"] = args.threads
-        # torch only validates and clips batches here; its idle OpenMP threads would spin against ONNX
-        # Runtime's on the same cores (measured: 3x slower on 2 loaded cores).
-        torch.set_num_threads(1)
-    elif args.threads is not None:
-        torch.set_num_threads(args.threads)
-    backend = load_teacher(args.model, **options)
+    if teacher.kind == "torch" and args.threads is not None:
+        torch.set_num_threads(args.threads)  # the model's threads; an ONNX model gets them below
+    backend = teacher.load(threads=args.threads)
     try:
-        run_server(backend, host=args.host, port=args.port, api_key=args.api_key,
-                   max_batch=args.max_batch, log_level=args.log_level)
+        with teacher.thread_policy():  # torch only validates and clips batches for an ONNX model
+            run_server(backend, host=args.host, port=args.port, api_key=args.api_key,
+                       max_batch=args.max_batch, log_level=args.log_level)
     except OSError as e:  # port taken, address not available: the user's to fix, no traceback needed
         raise ConfigError(e.strerror or str(e)) from e
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_budget_arg, add_data_args, add_executor_args, add_teacher_args, make_executor, teacher_spec
+from .common import add_budget_arg, add_data_args, add_executor_args, add_teacher_args, executor_config, teacher_spec
 
 
 def register(subparsers) -> None:
@@ -68,7 +68,7 @@ def run(args) -> int:
 
     config = SoftLabelConfig(method=args.method, params=estimator_params(args), seed=args.seed,
                              shard_size=args.shard_size, save_points=args.save_points)
-    executor = make_executor(args)  # before any query: a missing Ray or a bad option costs nothing
+    executor = executor_config(args).build(teacher_spec(args))  # before any query: a bad option costs none
     if (args.dataset is None) == (args.pseudo is None):
         raise ConfigError("expected exactly one of --dataset (real samples) or --pseudo DIR (synthesized samples), "
                           f"got {'both' if args.dataset else 'neither'}")

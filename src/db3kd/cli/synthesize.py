@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_budget_arg, add_executor_args, add_teacher_args, make_executor, teacher_spec
+from .common import add_budget_arg, add_executor_args, add_teacher_args, executor_config, teacher_spec
 
 
 def register(subparsers) -> None:
@@ -48,7 +48,7 @@ def run(args) -> int:
         count=args.mixtures, max_shift=args.mixture_max_shift, min_brightness=args.mixture_min_brightness, seed=args.seed)
     config = SynthesisConfig(per_class=args.per_class, queries_per_sample=args.queries_per_sample, rounds=args.rounds,
                              step=args.step, max_draws=args.max_draws, seed=args.seed, shard_size=args.shard_size)
-    executor = make_executor(args)  # before any query: a missing Ray or a bad option costs nothing
+    executor = executor_config(args).build(teacher_spec(args))  # before any query: a bad option costs none
     teacher = teacher_spec(args)
     oracle = open_oracle(teacher, budget=args.budget)
     with teacher.thread_policy():

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..checks import integer, number
+from ..errors import DataError
 from ..executors import Executor
 from ..io import save_npz
 from ..oracle import LabelOracle
@@ -52,12 +53,8 @@ class MixtureConfig:
 
     def __post_init__(self):
         for name, low in (("count", 1), ("max_shift", 0), ("shard_size", 1), ("seed", None)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (low is not None and value < low):
-                raise ConfigError(f"{name} must be an integer{'' if low is None else f' >= {low}'}, got {value!r}")
-        b = self.min_brightness
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-            raise ConfigError(f"min_brightness must be a number in (0, 1], got {b!r}")
+            integer(getattr(self, name), name, low)
+        number(self.min_brightness, "min_brightness", 0, 1)
 
 
 def draw_recipes(rng: np.random.Generator, n: int, num_samples: int, config: MixtureConfig) -> dict[str, np.ndarray]:

@@ -1,8 +1,6 @@
 """The one runner of sharded jobs (soft labels, synthesis, mixtures): resumable, accounted, with progress.
 
-A job supplies what determines its results (`fingerprint`), its shards (`shard_sizes`, and itself called as
-`job(oracle, shard)`, possibly on a Ray worker) and how to turn the merged shards into its results (`merge`,
-which writes them and returns the manifest's job-specific fields). The runner does the rest, the same way for
+A job supplies its shard function and its merge (`ShardedJob`); the runner does the rest the same way for
 every job: the fingerprinted shard store, the to-do list, the progress bar, the executor, the merge, and
 `manifest.json` with the query accounting (`total_queries` = what the job paid before its shards, such as
 reference labels, plus every kept shard's queries; `queries_sent` / `queries_discarded` from attempts.jsonl).

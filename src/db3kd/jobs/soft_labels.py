@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import integer
 from ..errors import BudgetExceededError, ConfigError, DataError
 from ..executors import ATTEMPTS_FILE, AttemptLog, Executor
 from ..io import save_npz
@@ -44,8 +45,7 @@ class SoftLabelConfig:
     save_points: bool = False
 
     def __post_init__(self):
-        if isinstance(self.shard_size, bool) or not isinstance(self.shard_size, int) or self.shard_size < 1:
-            raise ConfigError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+        integer(self.shard_size, "shard_size", 1)
         try:
             self.estimator = estimator_from_name(self.method, **self.params)
         except ConfigError as e:  # say which field: an unknown method, or its parameters

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..checks import integer, number
 from ..errors import BudgetExceededError, ConfigError, DataError
 from ..executors import Executor, ShardDone
 from ..io import save_npz
@@ -67,13 +68,9 @@ class SynthesisConfig:
 
     def __post_init__(self):
         for name in ("per_class", "queries_per_sample", "rounds", "max_halvings", "max_draws", "draw_batch", "shard_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        if isinstance(self.step, bool) or not isinstance(self.step, (int, float)) or not 0 < self.step <= 4:
-            raise ConfigError(f"step must be a number in (0, 4] (a fraction of the boundary distance), got {self.step!r}")
+            integer(getattr(self, name), name, 1)
+        integer(self.seed, "seed")
+        number(self.step, "step", 0, 4)  # a fraction of the boundary distance
 
     def search_queries(self) -> int:
         """Queries per sample for each of the rounds + 1 boundary searches (moves take the rest)."""

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..errors import BudgetExceededError, ConfigError, InputError
+from ..errors import BudgetExceededError, InputError
 
 # Rows of the (sample, reference) distance matrix computed at once: 256 x 60000 float32 is 60 MiB.
 _DISTANCE_CHUNK = 256
@@ -234,20 +234,6 @@ def make_pairs(labels: torch.Tensor, num_classes: int, targets) -> Pairs:
     mask = wanted[None, :] & (torch.arange(num_classes)[None, :] != labels[:, None])  # (N, K)
     sample, target = mask.nonzero(as_tuple=True)
     return Pairs(sample, target, num_classes)
-
-
-def positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def fraction(value, name: str, upper_inclusive: bool = False) -> float:
-    """A float in (0, 1) (or (0, 1] with upper_inclusive)."""
-    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool)
-    if not ok or not (0 < value < 1 or (upper_inclusive and value == 1)):
-        raise ConfigError(f"{name} must be a number in (0, 1{']' if upper_inclusive else ')'}, got {value!r}")
-    return float(value)
 
 
 def nearest_by_class(x: torch.Tensor, reference_x: torch.Tensor, reference_y: torch.Tensor, num_classes: int,

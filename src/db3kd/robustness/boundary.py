@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Chunk, Estimator, LabelQueries, PairRun, fraction, positive_int, segment_points
+from ..checks import integer, number
+from .base import Chunk, Estimator, LabelQueries, PairRun, segment_points
 
 
 class BoundaryDistance(Estimator):
@@ -35,10 +36,10 @@ class BoundaryDistance(Estimator):
 
     def __init__(self, max_directions: int = 32, tolerance: float = 0.02, queries_per_pair: int = 40,
                  batch_pairs: int = 4096):
-        self.max_directions = positive_int(max_directions, "max_directions")
-        self.tolerance = fraction(tolerance, "tolerance")
-        self.queries_per_pair = positive_int(queries_per_pair, "queries_per_pair")
-        self.batch_pairs = positive_int(batch_pairs, "batch_pairs")
+        self.max_directions = integer(max_directions, "max_directions", 1)
+        self.tolerance = number(tolerance, "tolerance", 0, 1, closed="none")
+        self.queries_per_pair = integer(queries_per_pair, "queries_per_pair", 1)
+        self.batch_pairs = integer(batch_pairs, "batch_pairs", 1)
 
     @property
     def directions(self) -> int:

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..checks import integer, number
 from .base import (
-    Chunk, Estimator, LabelQueries, PairRun, Pairs, RobustnessResult, fraction, pair_seeds, positive_int,
+    Chunk, Estimator, LabelQueries, PairRun, Pairs, RobustnessResult, pair_seeds,
     segment_points,
 )
 from .boundary import BoundaryDistance
@@ -65,25 +66,25 @@ class MinimalBoundaryDistance(Estimator):
                  subspace: str | int | None = "pca", components: int = 70, delta: float = 0.1, step: float = 0.3,
                  tolerance: float = 0.005, max_halvings: int = 6, bd: BoundaryDistance | None = None,
                  batch_pairs: int = 1024):
-        self.queries_per_pair = positive_int(queries_per_pair, "queries_per_pair")
-        self.checkpoints = tuple(positive_int(c, "each checkpoint") for c in checkpoints)
+        self.queries_per_pair = integer(queries_per_pair, "queries_per_pair", 1)
+        self.checkpoints = tuple(integer(c, "each checkpoint", 1) for c in checkpoints)
         if (any(c > self.queries_per_pair for c in self.checkpoints)
                 or list(self.checkpoints) != sorted(set(self.checkpoints))):
             raise ConfigError(f"checkpoints must be increasing and <= queries_per_pair {self.queries_per_pair}, "
                               f"got {checkpoints!r}")
-        self.probes = positive_int(probes, "probes")
+        self.probes = integer(probes, "probes", 1)
         if subspace is not None and subspace != "pca":
-            subspace = positive_int(subspace, "subspace (a grid side, 'pca' or None)")
+            subspace = integer(subspace, "subspace (a grid side, 'pca' or None)", 1)
         self.subspace = subspace
-        self.components = positive_int(components, "components")
-        self.delta = fraction(delta, "delta")
-        self.step = fraction(step, "step", upper_inclusive=True)
-        self.tolerance = fraction(tolerance, "tolerance")
-        self.max_halvings = positive_int(max_halvings, "max_halvings")
+        self.components = integer(components, "components", 1)
+        self.delta = number(delta, "delta", 0, 1, closed="none")
+        self.step = number(step, "step", 0, 1)
+        self.tolerance = number(tolerance, "tolerance", 0, 1, closed="none")
+        self.max_halvings = integer(max_halvings, "max_halvings", 1)
         self.bd = BoundaryDistance() if bd is None else bd
         if not isinstance(self.bd, BoundaryDistance):
             raise ConfigError(f"bd must be a BoundaryDistance, got {type(self.bd).__name__}")
-        self.batch_pairs = positive_int(batch_pairs, "batch_pairs")
+        self.batch_pairs = integer(batch_pairs, "batch_pairs", 1)
         self._bank_cache: tuple = (None, None)  # (key, bank): a grid or pixel bank does not depend on the references
 
     @property

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Chunk, Estimator, LabelQueries, PairRun, positive_int
+from ..checks import integer
+from .base import Chunk, Estimator, LabelQueries, PairRun
 
 
 class SampleDistance(Estimator):
@@ -18,7 +19,7 @@ class SampleDistance(Estimator):
     """
 
     def __init__(self, k: int = 1):
-        self.k = positive_int(k, "k")
+        self.k = integer(k, "k", 1)
 
     @property
     def directions(self) -> int:

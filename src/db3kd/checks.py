@@ -1,0 +1,28 @@
+"""Hyper-parameter checks shared by every configuration type, so every error reads the same way."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import ConfigError
+
+
+def integer(value, name: str, low: int | None = None) -> int:
+    """`value` as an int (bools refused) of at least `low`, else "NAME must be a positive integer, got ..."."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (low is not None and value < low):
+        kind = "an integer" if low is None else "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def number(value, name: str, low: float = 0.0, high: float = math.inf, closed: str = "high") -> float:
+    """`value` as a float within (low, high] (`closed` "high"), (low, high) ("none") or [low, high) ("low")."""
+    ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    above = ok and (value >= low if closed == "low" else value > low)
+    below = ok and (value <= high if closed == "high" else value < high)
+    if not (above and below):
+        interval = f"{'[' if closed == 'low' else '('}{low}, {high}{']' if closed == 'high' else ')'}"
+        raise ConfigError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
