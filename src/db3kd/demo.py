@@ -20,15 +20,11 @@ from .transfer import TransferCost, TransferSet
 DEMO_DATASET = "digits"
 TEACHER_ARCH = "lenet5"
 STUDENT_ARCH = "lenet5-half"
-# The zero-shot row's synthesis (keyword arguments of SynthesisConfig; the rest are its defaults): 1,000 pseudo
-# samples of 8x8 pixels, a small budget, so that the demo stays within a few minutes on 2 CPU cores.
+# Zero-shot: 1,000 pseudo samples of 8x8 pixels on a small budget (a few minutes on 2 CPU cores), and 20,000
+# teacher-labelled mixtures of them (shifts of 1 pixel at most), which lift the student from ~80% to ~92%.
 DEMO_SYNTHESIS = {"per_class": 100, "queries_per_sample": 500, "rounds": 4}
-# ... and its teacher-labelled mixtures of the pseudo samples (keyword arguments of MixtureConfig): one query
-# each, hard labels only. They lift the zero-shot student from ~80% to ~92% test accuracy for 20,000 queries
-# (under 3% of its total). Shifts of at most 1 pixel: the images are 8x8.
 DEMO_MIXTURES = {"count": 20_000, "max_shift": 1}
-# With the mixtures the zero-shot student sees 21x more images per epoch: a third of the demo's epochs (10 of
-# 30; at least 1) adds about 8 s to the demo on 2 idle cores (30 epochs: +26 s for ~1 point more).
+# It then sees 21x more images per epoch: a third of the epochs (at least 1) costs ~8 s on 2 idle cores.
 ZERO_SHOT_EPOCH_FRACTION = 1 / 3
 
 

@@ -10,25 +10,15 @@
     RUN_DIR/students/standard-kd-<arch>-seed<k>/      baseline: white-box KD on the teacher's logits
     RUN_DIR/run.json                                  what the last `db3kd run` did, stage by stage
 
-A zero-shot recipe (`transfer.synthesize`) starts with the synthesize stage; its pseudo samples are then
-the transfer set of every soft-label stage and baseline, and the dataset's training split is never read.
-With `transfer.mixtures`, a mixtures stage then labels mixtures of the pseudo samples (`db3kd.mixtures`, one
-query each, in shards like the other stages); every distilled student and the `ce` baseline train on
-them too (cross-entropy only, as they have no soft labels), and count their queries. `standard-kd` does not.
+Zero-shot (`transfer.synthesize`), the synthesize stage's pseudo samples are the transfer set of every other
+stage; with `transfer.mixtures`, every student but `standard-kd` also trains on the mixtures stage's images.
 
-Every stage directory holds a `stage.json` with the hash of its resolved config and of its inputs (the
-soft-label stage a student learns from; the synthesize stage a zero-shot stage reads; the mixtures stage,
-whose hash holds the synthesize stage's). It says "running"
-while the stage works and "done" once its results are complete. A rerun skips a stage whose stage.json is
-"done" with the same hash, resumes one left "running" with the same hash (soft-label and synthesis shards
-survive), and clears and recomputes any other, so editing a recipe recomputes exactly the stages whose
-config or inputs changed.
-
-The recipe's `executor` (local, or Ray) computes the shards of the synthesize, mixtures and soft-label stages. It is in
-no stage's hash, since the results are equal bit for bit whichever executor made them: switching executor
-recomputes nothing, and a stage left "running" on one executor resumes on the other. A Ray executor is made
-(Ray imported, the teacher read for shipping, the head's address checked) before the first stage runs, and
-only if a synthesize or soft-label stage has work to do; one serves every stage of the run.
+Every stage directory holds a `stage.json` with the hash of its resolved config and of its inputs (whose
+hashes hold their own inputs'). It says "running" while the stage works and "done" once its results are
+complete. A rerun skips a stage "done" with the same hash, resumes one left "running" with the same hash
+(its shards survive), and clears and recomputes any other: editing a recipe recomputes exactly the stages
+whose config or inputs changed. The recipe's `executor` is in no stage's hash (results are equal bit for bit
+whichever made them); it is built before the first stage runs, if a sharded stage has work to do.
 """
 
 from __future__ import annotations

@@ -9,21 +9,19 @@ import sys
 from .. import __version__
 from ..errors import DB3KDError
 
-# Each module defines `register(subparsers)`, which adds its parser with `set_defaults(run=...)`.
+# Each module defines `register(subparsers)`, which adds its command(s) with `common.command`.
 COMMAND_MODULES = ("train", "serve", "soft_labels", "synthesize", "distill", "demo", "run", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="db3kd", description="Decision-based black-box knowledge distillation from label-only teachers.",
-        allow_abbrev=False,  # an abbreviation must never silently pick another option (--budget vs --budget-total)
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"db3kd {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f".{name}", __name__).register(subparsers)
-    for command in subparsers.choices.values():
-        command.allow_abbrev = False
     return parser
 
 

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+
+def command(subparsers, name: str, run, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    """Subcommand `name` running `run(args)`; its description is, by default, its module's docstring after the
+    first line. Abbreviated options are refused: one must never silently pick another (--budget-total)."""
+    if description is None:
+        description = sys.modules[run.__module__].__doc__.split("\n\n", 1)[1].strip()
+    parser = subparsers.add_parser(name, help=help, description=description, allow_abbrev=False)
+    parser.set_defaults(run=run)
+    return parser
 
 
 def add_teacher_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

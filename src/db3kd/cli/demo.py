@@ -1,18 +1,20 @@
-"""`db3kd demo`: the embedded default job, runnable with no data and no network."""
+"""`db3kd demo`: the embedded default job, runnable with no data and no network.
+
+Train a teacher on scikit-learn's 8x8 digits, then students from the teacher's labels alone (CE-only, DB3KD-
+BD, and zero-shot ZSDB3KD-BD on pseudo samples from noise and teacher-labelled mixtures of them), and print a
+table.
+"""
 
 from __future__ import annotations
 
+from .common import command
+
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="run the whole path on the bundled digits data (no downloads)",
-                                   description="Train a teacher on scikit-learn's 8x8 digits, then students from "
-                                               "the teacher's labels alone (CE-only, DB3KD-BD, and zero-shot "
-                                               "ZSDB3KD-BD on pseudo samples from noise and teacher-labelled "
-                                               "mixtures of them), and print a table.")
+    parser = command(subparsers, "demo", run, "run the whole path on the bundled digits data (no downloads)")
     parser.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(run=run)
 
 
 def run(args) -> int:

@@ -1,16 +1,17 @@
-"""`db3kd distill`: train a student on a transfer set's soft labels (DB3KD)."""
+"""`db3kd distill`: train a student on a transfer set's soft labels (DB3KD).
+
+Train a student on a transfer set written by `db3kd soft-labels` with the DB3KD loss CE(student, c) +
+KL(softmax(logits/T) || softmax(student/T)); evaluate on the dataset's test split each epoch; measure fidelity
+to the teacher.
+"""
 
 from __future__ import annotations
 
-from .common import add_data_args, add_teacher_args, teacher_spec
+from .common import add_data_args, add_teacher_args, command, teacher_spec
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "distill", help="train a student on soft labels (CE + KL at temperature T)",
-        description="Train a student on a transfer set written by `db3kd soft-labels` with the DB3KD loss "
-                    "CE(student, c) + KL(softmax(logits/T) || softmax(student/T)); evaluate on the dataset's "
-                    "test split each epoch; measure fidelity to the teacher.")
+    parser = command(subparsers, "distill", run, "train a student on soft labels (CE + KL at temperature T)")
     parser.add_argument("--transfer", required=True, metavar="DIR", help="output directory of `db3kd soft-labels`")
     parser.add_argument("--mixtures", metavar="DIR",
                         help="also train on the teacher-labelled mixtures of `db3kd synthesize --mixtures M --out DIR` "
@@ -31,7 +32,6 @@ def register(subparsers) -> None:
     add_teacher_args(parser, required=False)
     parser.add_argument("--no-fidelity", action="store_true", help="do not query the teacher on the test split")
     parser.add_argument("--out", required=True)
-    parser.set_defaults(run=run)
 
 
 def run(args) -> int:

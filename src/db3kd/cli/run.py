@@ -1,18 +1,19 @@
-"""`db3kd run`: run a recipe's stages (soft labels, students, baselines), skipping those already done."""
+"""`db3kd run`: run a recipe's stages (soft labels, students, baselines), skipping those already done.
+
+Run the experiment declared in a YAML recipe (see db3kd.recipe). Each stage is cached in the run directory: a
+rerun skips finished stages and recomputes only those whose config changed.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 
-from .common import add_executor_args, executor_config
+from .common import add_executor_args, command, executor_config
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "run", help="run a recipe: synthesis (zero-shot), soft labels, students and baselines, cached per stage",
-        description="Run the experiment declared in a YAML recipe (see db3kd.recipe). Each stage is cached in the "
-                    "run directory: a rerun skips finished stages and recomputes only those whose config changed.")
+    parser = command(subparsers, "run", run, "run a recipe: synthesis (zero-shot), soft labels, students and baselines, cached per stage")
     parser.add_argument("recipe", metavar="RECIPE.yaml")
     parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: the recipe's run_dir)")
     parser.add_argument("--api-key", default=os.environ.get("DB3KD_API_KEY"),
@@ -20,7 +21,6 @@ def register(subparsers) -> None:
     parser.add_argument("--report", action="store_true", help="write and print the report when done")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
     add_executor_args(parser, default=None, default_note="default, unless the recipe's executor says ray")
-    parser.set_defaults(run=run)
 
 
 def run(args) -> int:

@@ -1,6 +1,11 @@
-"""`db3kd serve MODEL`: a teacher as a label-only HTTP service (protocol in `db3kd.serve`)."""
+"""`db3kd serve MODEL`: a teacher as a label-only HTTP service (protocol in `db3kd.serve`).
+
+Serve a teacher over HTTP, answering only top-1 labels: GET /info, POST /labels (a .npy batch).
+"""
 
 from __future__ import annotations
+
+from .common import command
 
 import argparse
 import logging
@@ -10,10 +15,7 @@ from ..errors import ConfigError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "serve", help="serve a teacher as a label-only HTTP service",
-        description="Serve a teacher over HTTP, answering only top-1 labels: GET /info, POST /labels (a .npy batch).",
-    )
+    parser = command(subparsers, "serve", run, "serve a teacher as a label-only HTTP service")
     parser.add_argument("model", metavar="MODEL", help="the teacher: a model.pt checkpoint or a model.onnx file")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 for all)")
@@ -26,7 +28,6 @@ def register(subparsers) -> None:
                         help="intra-op threads of the model (default: the runtime's own choice)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="logging detail; debug also logs every request (default: info)")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

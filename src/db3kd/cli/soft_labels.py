@@ -1,16 +1,17 @@
-"""`db3kd soft-labels`: boundary distances and soft labels for dataset samples, resumable."""
+"""`db3kd soft-labels`: boundary distances and soft labels for dataset samples, resumable.
+
+For each selected sample and each other class, estimate the distance to the teacher's decision boundary and
+turn the distances into soft labels (DB3KD). Results are written in shards; rerunning the same command after
+an interruption resumes.
+"""
 
 from __future__ import annotations
 
-from .common import add_budget_arg, add_data_args, add_executor_args, add_teacher_args, executor_config, teacher_spec
+from .common import add_budget_arg, add_data_args, add_executor_args, add_teacher_args, command, executor_config, teacher_spec
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "soft-labels", help="estimate boundary distances (sd, bd, mbd) and soft labels",
-        description="For each selected sample and each other class, estimate the distance to the teacher's "
-                    "decision boundary and turn the distances into soft labels (DB3KD). Results are written "
-                    "in shards; rerunning the same command after an interruption resumes.")
+    parser = command(subparsers, "soft-labels", run, "estimate boundary distances (sd, bd, mbd) and soft labels")
     add_teacher_args(parser)
     add_data_args(parser, required=False)
     parser.add_argument("--pseudo", metavar="DIR",
@@ -32,7 +33,6 @@ def register(subparsers) -> None:
                         help="also store the boundary point of every pair (N x K images: for subsets)")
     parser.add_argument("--out", required=True, help="run directory (resumed if it exists)")
     add_executor_args(parser)
-    parser.set_defaults(run=run)
 
 
 def estimator_params(args) -> dict:

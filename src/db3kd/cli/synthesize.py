@@ -1,19 +1,19 @@
-"""`db3kd synthesize`: pseudo samples for zero-shot distillation (ZSDB3KD), resumable."""
+"""`db3kd synthesize`: pseudo samples for zero-shot distillation (ZSDB3KD), resumable.
+
+Draw low-frequency noise until the teacher labels it with each wanted class, then for a few rounds move every
+sample away from its nearest decision boundary without leaving its class (ZSDB3KD). No real image is used.
+Results are written in shards; rerunning the same command after an interruption resumes.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_budget_arg, add_executor_args, add_teacher_args, executor_config, teacher_spec
+from .common import add_budget_arg, add_executor_args, add_teacher_args, command, executor_config, teacher_spec
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "synthesize", help="make pseudo samples from noise, far from the teacher's boundaries (zero-shot)",
-        description="Draw low-frequency noise until the teacher labels it with each wanted class, then for a "
-                    "few rounds move every sample away from its nearest decision boundary without leaving its "
-                    "class (ZSDB3KD). No real image is used. Results are written in shards; rerunning the same "
-                    "command after an interruption resumes.")
+    parser = command(subparsers, "synthesize", run, "make pseudo samples from noise, far from the teacher's boundaries (zero-shot)")
     add_teacher_args(parser)
     parser.add_argument("--per-class", type=int, required=True, metavar="N", help="pseudo samples per class")
     parser.add_argument("--queries-per-sample", type=int, default=2000, metavar="Q",
@@ -36,7 +36,6 @@ def register(subparsers) -> None:
     group.add_argument("--mixture-min-brightness", type=float, default=0.3, metavar="B",
                        help="smallest dimming factor in (0, 1] (default 0.3)")
     add_executor_args(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args) -> int:

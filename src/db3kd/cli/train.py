@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_args, add_teacher_args, teacher_spec
+from .common import add_data_args, add_teacher_args, command, teacher_spec
+
+STUDENT_DESCRIPTION = (
+    "The paper's baselines. CE only: a student trained with cross-entropy on ground-truth labels (--labels "
+    "dataset) or on the teacher's top-1 labels (--labels teacher, queries counted). Standard KD: --labels "
+    "whitebox-logits reads the teacher's LOGITS (white-box: needs the model file, which DB3KD does not) and trains "
+    "with the same KD loss as `db3kd distill`.")
 
 
 def register(subparsers) -> None:
-    teacher = subparsers.add_parser("train-teacher", help="train a classifier on a dataset's labels",
-                                    description="Train a network with cross-entropy; write model.pt, model.onnx, metrics.json.")
+    teacher = command(subparsers, "train-teacher", run_teacher, "train a classifier on a dataset's labels",
+                      "Train a network with cross-entropy; write model.pt, model.onnx, metrics.json.")
     _add_training_args(teacher, default_arch="lenet5")
-    teacher.set_defaults(run=run_teacher)
-
-    student = subparsers.add_parser(
-        "train-student", help="train a student with plain cross-entropy (the CE-only baseline)",
-        description="The paper's baselines. CE only: a student trained with cross-entropy on ground-truth labels "
-                    "(--labels dataset) or on the teacher's top-1 labels (--labels teacher, queries counted). "
-                    "Standard KD: --labels whitebox-logits reads the teacher's LOGITS (white-box: needs the model "
-                    "file, which DB3KD does not) and trains with the same KD loss as `db3kd distill`.")
+    student = command(subparsers, "train-student", run_student,
+                      "train a student with plain cross-entropy (the CE-only baseline)", STUDENT_DESCRIPTION)
     _add_training_args(student, default_arch="lenet5-half")
     student.add_argument("--labels", choices=("dataset", "teacher", "whitebox-logits"), default="dataset",
                          help="the targets (default dataset); teacher and whitebox-logits need --teacher")
     student.add_argument("--temperature", type=float, default=20.0, help="KD temperature for whitebox-logits")
     add_teacher_args(student, required=False)
-    student.set_defaults(run=run_student)
 
 
 def _add_training_args(parser: argparse.ArgumentParser, default_arch: str) -> None:
