@@ -73,7 +73,7 @@ def test_distill_trains_a_student_on_bd_soft_labels(digits_teacher, tmp_path, ca
 def test_transfer_set_errors_name_the_problem(tmp_path):
     from db3kd.errors import DataError
 
-    with pytest.raises(DataError, match="soft_labels.npz not found"):
+    with pytest.raises(DataError, match="manifest.json not found; expected the output directory of `db3kd soft-labels"):
         load_transfer_set(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"dataset": "digits", "split": "train"}))
     np.savez(tmp_path / "soft_labels.npz", indices=np.arange(2), labels=np.zeros(2, np.int64), logits=np.zeros((2, 10)))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from db3kd import open_oracle
 from db3kd.errors import BudgetExceededError, ConfigError, DataError
 from db3kd.losses import KDLoss
-from db3kd.jobs.mixtures import MixtureConfig, draw_recipes, label_mixtures, load_mixtures, mixture_images
+from db3kd.jobs.mixtures import MixtureConfig, MixtureJob, draw_recipes, label_mixtures, load_mixtures, mixture_images
 from db3kd.io import save_npz
 from db3kd.transfer import TransferCost, TransferSet
 
@@ -84,9 +84,23 @@ def test_an_interrupted_run_resumes_to_the_same_mixtures(digits_teacher, synthes
     out, x = synthesis_dir
     config = MixtureConfig(count=700, shard_size=300, seed=3)
     label_mixtures(open_oracle(digits_teacher), x, config, out / "mixtures", {}, progress=False)
-    stopped = open_oracle(digits_teacher, budget=450)  # the second shard cannot finish
-    with pytest.raises(BudgetExceededError):
-        label_mixtures(stopped, x, config, tmp_path / "resumed", {}, progress=False)
+    # A budget below the known cost (700 queries) is refused before the first query.
+    refused = open_oracle(digits_teacher, budget=450)
+    with pytest.raises(BudgetExceededError, match=r"this call needs 700 more \(450 left\).*nothing was sent"):
+        label_mixtures(refused, x, config, tmp_path / "resumed", {}, progress=False)
+    assert refused.queries == 0 and not list((tmp_path / "resumed" / "shards").glob("*.npz"))
+    # Interrupted in the second shard: the first is kept, the resumed run labels only the others.
+    original, calls = MixtureJob.__call__, []
+
+    def interrupted(self, oracle, shard):
+        calls.append(shard)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, oracle, shard)
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(MixtureJob, "__call__", interrupted)
+        label_mixtures(open_oracle(digits_teacher), x, config, tmp_path / "resumed", {}, progress=False)
     assert (tmp_path / "resumed" / "shards" / "00000.npz").exists()
     resumed = open_oracle(digits_teacher)
     label_mixtures(resumed, x, config, tmp_path / "resumed", {}, progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -27,9 +29,25 @@ def test_reopening_with_the_same_fingerprint_resumes(tmp_path):
 
 
 def test_a_different_fingerprint_is_refused_with_the_difference(tmp_path):
-    ShardStore(tmp_path, {"method": "bd", "seed": 0})
+    ShardStore(tmp_path, {"method": "bd", "seed": 0}).write(0, a=np.arange(3))
     with pytest.raises(ConfigError, match=r"seed: was 0, now 1.*another --out"):
         ShardStore(tmp_path, {"method": "bd", "seed": 1})
+
+
+def test_a_directory_without_finished_shards_is_taken_over(tmp_path):
+    """A run that failed before its first shard (a wrong teacher) must not block the corrected rerun."""
+    ShardStore(tmp_path, {"teacher": "wrong", "seed": 0})
+    store = ShardStore(tmp_path, {"teacher": "right", "seed": 0})
+    assert json.loads((tmp_path / "fingerprint.json").read_text()) == {"seed": 0, "teacher": "right"}
+    store.write(0, a=np.arange(3))
+    with pytest.raises(ConfigError, match="teacher: was 'right', now 'wrong'"):
+        ShardStore(tmp_path, {"teacher": "wrong", "seed": 0})
+
+
+def test_a_file_where_the_directory_should_be_is_refused(tmp_path):
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(DataError, match=r"out is a file; expected a directory"):
+        ShardStore(tmp_path / "out", {"k": 1})
 
 
 def test_half_written_and_corrupt_shards(tmp_path):

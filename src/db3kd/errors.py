@@ -58,6 +58,11 @@ class BudgetExceededError(DB3KDError):
         return type(self), (self.used, self.budget, self.requested, self.advice)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, Ray, `docker stop`), raised where the program is, so that it stops as on Ctrl-C:
+    the queries of the work in flight are recorded before it ends."""
+
+
 class ExecutorError(DB3KDError):
     """A distributed run could not start, or a shard failed on every attempt."""
 

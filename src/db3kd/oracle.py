@@ -51,6 +51,7 @@ class LabelOracle:
         chunk_size = backend.preferred_batch if chunk_size is None else chunk_size
         if int(chunk_size) != chunk_size or chunk_size < 1:
             raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        _check_contract(backend)
         self._backend = backend
         self.budget = None if budget is None else int(budget)
         self.chunk_size = int(chunk_size)
@@ -74,6 +75,18 @@ class LabelOracle:
     @property
     def name(self) -> str:
         return self._backend.name
+
+    @property
+    def identity(self) -> str:
+        """What tells this teacher from another (a file's digest, a service's URL and contract); runs record it."""
+        return getattr(self._backend, "identity", self.name)
+
+    def check_fits(self, input_shape, num_classes: int, what: str) -> None:
+        """Refuse, before any query, data that this teacher cannot label: other image shape or class count."""
+        if tuple(input_shape) != tuple(self.input_shape) or num_classes != self.num_classes:
+            raise TeacherError(
+                f"teacher {self.name} takes images {tuple(self.input_shape)} and answers {self.num_classes} classes, "
+                f"but {what} has images {tuple(input_shape)} in {num_classes} classes: use a teacher of that data")
 
     @property
     def remaining(self) -> int | None:
@@ -204,6 +217,21 @@ class LabelOracle:
 
     def __repr__(self) -> str:
         return f"LabelOracle({self.name!r}, queries={self.queries}, budget={self.budget})"
+
+
+# Above this, a class count is a broken teacher, not a task (the (N, K) distance arrays alone would not fit).
+MAX_CLASSES = 100_000
+
+
+def _check_contract(backend: LabelBackend) -> None:
+    """Refuse a backend whose declared contract no image or label array could follow."""
+    shape, k, bounds = backend.input_shape, backend.num_classes, backend.bounds
+    if not (isinstance(k, (int, np.integer)) and 2 <= k <= MAX_CLASSES):
+        raise TeacherError(f"teacher {backend.name} declares {k!r} classes; expected between 2 and {MAX_CLASSES:,}")
+    if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and 0 < s <= 65_536 for s in shape):
+        raise TeacherError(f"teacher {backend.name} declares input shape {shape!r}; expected (C, H, W) of positive sizes")
+    if not (len(bounds) == 2 and np.isfinite(bounds).all() and bounds[0] < bounds[1]):
+        raise TeacherError(f"teacher {backend.name} declares pixel bounds {bounds!r}; expected finite [lo, hi], lo < hi")
 
 
 def _clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError
-from .io import write_json, write_text
+from .io import exclusive, write_json, write_text
 from .recipe import Recipe
 from .teachers import TeacherSpec
 from .transfer import TransferCost, TransferSet
@@ -46,6 +46,7 @@ STAGE_FILE = "stage.json"
 SYNTHESIZE = "synthesize"  # the zero-shot synthesis stage's directory
 MIXTURES = "mixtures"  # the zero-shot mixtures stage's directory (transfer.mixtures)
 RESOLVED_RECIPE = "recipe.resolved.yaml"
+SUPERSEDED = "superseded"  # results of stages whose config the recipe no longer asks for
 
 
 @dataclass
@@ -204,7 +205,9 @@ class _Context:
     def oracle(self):
         from .oracle import open_oracle
 
-        return open_oracle(self.teacher)
+        oracle = open_oracle(self.teacher)
+        oracle.check_fits(self.info.input_shape, self.info.num_classes, f"the recipe's dataset {self.info.name}")
+        return oracle
 
     @cached_property
     def executor(self):
@@ -219,10 +222,13 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
 
     `on_stage(i, n, record)` is called after each of the n stages (the CLI prints a line).
     """
+    with exclusive(run_dir if run_dir is not None else recipe.run_dir) as run_dir:  # one `db3kd run` at a time
+        return _run_stages(recipe, run_dir, api_key, progress, on_stage)
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, api_key: str | None, progress: bool, on_stage) -> list[StageRecord]:
     import yaml
 
-    run_dir = Path(run_dir if run_dir is not None else recipe.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     resolved = dataclasses.asdict(dataclasses.replace(recipe, run_dir=str(run_dir)))  # every default filled in
     write_text(run_dir / RESOLVED_RECIPE, yaml.safe_dump(resolved, sort_keys=False))
     context = _Context(recipe, run_dir, api_key, progress)
@@ -234,7 +240,7 @@ def run_recipe(recipe: Recipe, run_dir: str | os.PathLike | None = None, api_key
     records = []
     for i, stage in enumerate(stages, 1):
         out = run_dir / stage.name
-        status = _prepare(out, stage)
+        status = _prepare(out, stage, run_dir)
         started = time.perf_counter()
         if status != "skipped":
             before = read_stage(out) or {}
@@ -261,15 +267,32 @@ def _status(out: Path, stage: Stage) -> str | None:
     return state.get("status") if state.get("hash") == stage.hash else None
 
 
-def _prepare(out: Path, stage: Stage) -> str:
-    """'skipped' if `out` is done with this hash; else make it ready: resumed if it was running this hash, else clean."""
+def _prepare(out: Path, stage: Stage, run_dir: Path) -> str:
+    """'skipped' if `out` is done with this hash; else make it ready: resumed if it was running this hash, else
+    fresh. Another config's results, paid for, are never deleted: they are set aside under
+    RUN_DIR/superseded/<stage>/<hash>/, and brought back when the recipe returns to that config."""
     status = _status(out, stage)
     if status in ("done", "running"):
         return "skipped" if status == "done" else "resume"
     if out.exists():
-        shutil.rmtree(out)  # another config's results: never mixed with this one's
+        old = (read_stage(out) or {}).get("hash") or time.strftime("unknown-%Y%m%dT%H%M%S")
+        aside = run_dir / SUPERSEDED / stage.name / old
+        if aside.exists():
+            shutil.rmtree(aside)  # an older copy of the same config's results: this one is newer
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, aside)
+    kept = run_dir / SUPERSEDED / stage.name / stage.hash
+    if kept.is_dir():
+        os.replace(kept, out)
+        return _prepare(out, stage, run_dir)
     out.mkdir(parents=True)
     return "fresh"
+
+
+def superseded(run_dir: Path) -> list[dict]:
+    """The stage results set aside by recipe edits (stage.json of each), for the report."""
+    return [{**(read_stage(p.parent) or {}), "path": str(p.parent.relative_to(run_dir))}
+            for p in sorted((run_dir / SUPERSEDED).glob(f"**/{STAGE_FILE}"))]
 
 
 def _write_stage(out: Path, stage: Stage, status: str, **summary) -> None:

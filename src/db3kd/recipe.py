@@ -216,8 +216,19 @@ def load_recipe(path: str | os.PathLike, check_files: bool = True) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
+    class UniqueKeys(yaml.SafeLoader):
+        """YAML whose mappings refuse a key said twice (plain YAML keeps the last value, silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+            twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+            if twice is not None:
+                raise ConfigError(f"line {node.start_mark.line + 1}: key {twice!r} appears twice in one mapping; "
+                                  "say it once")
+            return super().construct_mapping(node, deep)
+
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeys)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     try:

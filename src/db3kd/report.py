@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import DataError
 from .io import write_text
-from .pipeline import MIXTURES, RESOLVED_RECIPE, SYNTHESIZE, Stage, plan_stages, read_stage
+from .pipeline import MIXTURES, RESOLVED_RECIPE, SYNTHESIZE, Stage, plan_stages, read_stage, superseded
 from .transfer import TransferCost
 
 WHITE_BOX_NOTE = "white-box (reads logits; upper reference)"
@@ -46,6 +46,12 @@ def write_report(run_dir: str | Path) -> str:
              "queries per pair.", ""]
     if missing:
         lines += ["## Missing", "", *[f"- `{name}`: {why}" for name, why in missing], ""]
+    aside = superseded(run_dir)
+    if aside:
+        lines += ["## Superseded", "", "Results of configurations the recipe no longer asks for, kept because their "
+                  "queries were paid for (a rerun of that configuration reuses them; delete them to free the space):",
+                  "", *[f"- `{s['path']}`: {s.get('status', '?')}, teacher queries {s.get('teacher_queries', {})}"
+                        for s in aside], ""]
     plot = plot_accuracy_vs_queries(rows, run_dir / "accuracy_vs_queries.png")
     if plot is not None:
         lines += [f"![accuracy against teacher queries]({plot.name})", ""]

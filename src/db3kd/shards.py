@@ -3,7 +3,8 @@
 A shard store is a directory with `fingerprint.json` (everything that determines the results: teacher,
 method, parameters, seed, sample selection, shard size) and `shards/NNNNN.npz`, each written atomically
 (`db3kd.io`), so a shard file is either complete or absent. A rerun with the same fingerprint skips finished
-shards; a rerun with a different one is refused rather than mixed.
+shards; a rerun with a different one is refused rather than mixed, unless no shard was finished (nothing to
+mix: the directory is taken over).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, DataError
-from .io import save_npz, write_json
+from .io import load_npz, save_npz, write_json
 
 
 class ShardStore:
@@ -30,6 +31,8 @@ class ShardStore:
         self.root = Path(root)
         self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True))  # normalise tuples etc.
         self.shard_dir = self.root / "shards"
+        if self.root.exists() and not self.root.is_dir():
+            raise DataError(f"{self.root} is a file; expected a directory for the results (choose another --out)")
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         self._check_fingerprint()
         for leftover in self.shard_dir.glob("*.tmp"):
@@ -37,7 +40,7 @@ class ShardStore:
 
     def _check_fingerprint(self) -> None:
         path = self.root / "fingerprint.json"
-        if not path.exists():
+        if not path.exists() or not any(self.shard_dir.glob("*.npz")):  # a new run, or one that finished nothing
             write_json(path, self.fingerprint)
             return
         try:
@@ -63,12 +66,7 @@ class ShardStore:
         return save_npz(self.path(shard), **arrays)
 
     def read(self, shard: int) -> dict[str, np.ndarray]:
-        path = self.path(shard)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except Exception as e:
-            raise DataError(f"shard {path} is unreadable ({e}); delete it and rerun the same command to recompute it") from e
+        return load_npz(self.path(shard), "delete it and rerun the same command to recompute it")
 
     def merge(self, shards: range | list[int]) -> dict[str, np.ndarray]:
         """Concatenate the arrays of `shards` along their first axis, in order."""

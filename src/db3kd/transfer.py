@@ -6,7 +6,6 @@ metrics.json and the report reads it back, so every path shows the same total fo
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 
 from .data import load_split
 from .errors import DataError
+from .io import load_json, load_npz
 from .robustness import distances_to_logits
 
 
@@ -102,16 +102,10 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
     reached after that many queries per pair, and the cost what they had cost by then.
     """
     directory = Path(directory)
-    npz, manifest_path = directory / "soft_labels.npz", directory / "manifest.json"
-    for path in (npz, manifest_path):
-        if not path.is_file():
-            raise DataError(f"{path} not found: expected the output directory of `db3kd soft-labels --out {directory}`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        with np.load(npz, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read the transfer set in {directory}: {e}") from e
+    remedy = f"expected the output directory of `db3kd soft-labels --out {directory}`; rerun it to remake them"
+    manifest = load_json(directory / "manifest.json", remedy)
+    npz = directory / "soft_labels.npz"
+    arrays = load_npz(npz, remedy)
     required = ["labels", "logits"] + ([] if "images" in arrays else ["indices"])
     missing = [key for key in required if key not in arrays]
     missing += [key for key in ("reference_label_queries", "estimator_queries") if key not in manifest]

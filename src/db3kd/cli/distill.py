@@ -36,6 +36,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from ..data import dataset_info, load_split
+    from ..errors import ConfigError
     from ..jobs.mixtures import load_mixtures
     from ..jobs.students import train_student
     from ..losses import KDLoss
@@ -47,6 +48,14 @@ def run(args) -> int:
                 t2_scaling=args.t2_scaling, reduction=args.kd_reduction)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
     transfer = load_transfer_set(args.transfer, args.data_dir)
+    info = dataset_info(args.dataset)
+    made_on = transfer.manifest.get("dataset")  # None for pseudo samples
+    if made_on not in (None, args.dataset) or transfer.images.shape[1:] != info.input_shape \
+            or transfer.logits.shape[1] != info.num_classes:
+        fix = f"pass --dataset {made_on}" if made_on else "pass the dataset its teacher was made for"
+        raise ConfigError(f"--dataset {args.dataset} (images {info.input_shape}, {info.num_classes} classes) is not the "
+                          f"data of {args.transfer} ({made_on or 'pseudo samples'}: images {transfer.images.shape[1:]}, "
+                          f"{transfer.logits.shape[1]} classes); {fix}")
     test = load_split(args.dataset, "test", args.data_dir)
     if args.teacher is None:  # fidelity is measured against the same teacher
         args.teacher = transfer.manifest.get("teacher")
@@ -56,7 +65,7 @@ def run(args) -> int:
         images, labels, mixed = load_mixtures(args.mixtures)
         transfer = transfer.with_mixtures(images, labels, mixed["total_queries"])
         extra["mixtures"] = str(args.mixtures)
-    metrics = train_student(args.out, args.student, dataset_info(args.dataset), transfer, test, config, kd=kd,
+    metrics = train_student(args.out, args.student, info, transfer, test, config, kd=kd,
                             oracle=oracle, extra_metrics=extra)
     fidelity = f", fidelity {metrics['fidelity']:.4f}" if "fidelity" in metrics else ""
     print(f"{args.student} distilled from {len(transfer.images)} samples ({extra['method']} soft labels): test accuracy "

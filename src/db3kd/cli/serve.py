@@ -59,4 +59,6 @@ def run(args: argparse.Namespace) -> int:
                        max_batch=args.max_batch, log_level=args.log_level)
     except OSError as e:  # port taken, address not available: the user's to fix, no traceback needed
         raise ConfigError(e.strerror or str(e)) from e
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, re-raised by uvicorn after its graceful shutdown: a normal end
+        pass
     return 0

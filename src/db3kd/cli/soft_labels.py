@@ -92,10 +92,16 @@ def run(args) -> int:
     else:
         indices = check_indices(np.arange(len(x)), len(x))
     teacher = teacher_spec(args)
+    oracle = open_oracle(teacher, budget=args.budget)
+    if args.dataset:  # before any query: a teacher of other data would label it all wrong
+        from ..data import dataset_info
+
+        info = dataset_info(args.dataset)
+        oracle.check_fits(info.input_shape, info.num_classes, f"the {args.dataset} dataset")
     with teacher.thread_policy():
-        manifest = compute_soft_labels(open_oracle(teacher, budget=args.budget), x, indices, config, args.out,
-                                       run_info, executor=executor, **pseudo)
+        manifest = compute_soft_labels(oracle, x, indices, config, args.out, run_info, executor=executor, **pseudo)
+    median = "none found" if manifest["median_distance"] is None else f"{manifest['median_distance']:.3f}"
     print(f"{manifest['method']} soft labels for {manifest['num_samples']} samples: median distance "
-          f"{manifest['median_distance']:.3f}, {manifest['queries_per_pair']:.1f} queries per pair, "
+          f"{median}, {manifest['queries_per_pair']:.1f} queries per pair, "
           f"{manifest['total_queries']} teacher queries in all; wrote {args.out}/soft_labels.npz and manifest.json")
     return 0

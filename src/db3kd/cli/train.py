@@ -54,6 +54,8 @@ def _train(args, labels: str = "dataset") -> int:
         transfer = standard_kd_transfer(teacher_spec(args), data.x_train, "train split")
         kd = KDLoss(temperature=args.temperature)
     oracle = open_oracle(teacher_spec(args)) if getattr(args, "teacher", None) else None
+    if oracle is not None:
+        oracle.check_fits(data.info.input_shape, data.info.num_classes, f"the {args.dataset} dataset")
     if labels == "teacher":
         targets, queries = teacher_labels(oracle, data.x_train)
         transfer = TransferSet(data.x_train, targets, None, TransferCost(labels=queries), "train split")

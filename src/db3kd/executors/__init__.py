@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..oracle import LabelOracle
 from ..shards import ShardStore
 from ..teachers import TeacherSpec
 from .attempts import ATTEMPTS_FILE, AttemptLog, query_accounting
-from .base import Executor, ShardDone, ShardJob
+from .base import Executor, ShardDone, ShardJob, describe
 from .local import LocalExecutor
 
 __all__ = ["ATTEMPTS_FILE", "AttemptLog", "Executor", "ExecutorConfig", "LocalExecutor", "ShardDone", "ShardJob",
@@ -69,8 +69,14 @@ def run_shards(executor: Executor, job: ShardJob, shards: list[int], oracle: Lab
     for done in executor.run(job, list(shards), oracle, log):
         # What the attempt cost goes into the shard file with its results: the manifest's accounting is rebuilt
         # from the shards alone, whichever executor made them and however many runs it took.
-        store.write(done.shard, **done.arrays, shard_queries=np.array([done.queries]),
-                    shard_seconds=np.array([done.seconds]))
+        try:
+            store.write(done.shard, **done.arrays, shard_queries=np.array([done.queries]),
+                        shard_seconds=np.array([done.seconds]))
+        except OSError as e:  # a full disk: the shard is lost, its queries are not
+            log.record(executor.name, done.shard, done.attempt, done.queries, kept=False, error=describe(e))
+            raise DataError(f"cannot write shard {done.shard} to {store.root} ({e.strerror or e}); the "
+                            f"{done.queries:,} queries it cost are recorded as discarded in {ATTEMPTS_FILE}. Free "
+                            "space and rerun the same command: finished shards are kept") from e
         log.record(executor.name, done.shard, done.attempt, done.queries, kept=True)
         if on_written is not None:
             on_written(done)

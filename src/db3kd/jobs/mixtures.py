@@ -14,7 +14,6 @@ mixtures take a few dozen MB on disk. Work is done in seeded shards, resumable l
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 from ..checks import integer, number
 from ..errors import DataError
 from ..executors import Executor
-from ..io import save_npz
+from ..io import load_json, load_npz, save_npz
 from ..oracle import LabelOracle
 from .runner import MANIFEST, ShardedJob, run_job
 from .soft_labels import digest
@@ -101,6 +100,10 @@ class MixtureJob(ShardedJob):
         c = self.config
         return [min(c.shard_size, c.count - start) for start in range(0, c.count, c.shard_size)]
 
+    def known_cost(self, shards: list[int]) -> int:
+        sizes = self.shard_sizes()
+        return sum(sizes[s] for s in shards)  # one query per mixture
+
     def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
         n = self.shard_sizes()[shard]
         recipes = draw_recipes(np.random.default_rng([self.config.seed, shard]), n, len(self.pseudo_x), self.config)
@@ -145,19 +148,14 @@ def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: st
     says how to make them (again), in those messages.
     """
     directory = Path(directory)
-    npz, manifest_path = directory / RESULTS, directory / MANIFEST
-    for path in (npz, manifest_path):
-        if not path.is_file():
-            raise DataError(f"{path} not found: {remake}")
-    fingerprint = json.loads((directory / "fingerprint.json").read_text())
+    manifest, arrays = load_json(directory / MANIFEST, remake), load_npz(directory / RESULTS, remake)
+    fingerprint = load_json(directory / "fingerprint.json", remake)
     if fingerprint.get("pseudo_samples_sha256") != digest(pseudo_x):
         raise DataError(f"the mixtures in {directory} were made from other pseudo samples than {source}; "
                         f"delete that directory and {remake}")
-    with np.load(npz, allow_pickle=False) as data:
-        recipes = {k: data[k] for k in RECIPE_KEYS}
-        labels = data["labels"].astype(np.int64)
+    recipes, labels = {k: arrays[k] for k in RECIPE_KEYS}, arrays["labels"].astype(np.int64)
     images = np.empty((len(labels), *pseudo_x.shape[1:]), dtype=np.float32)
     for i in range(0, len(labels), 10_000):  # chunked: no second full-size copy
         images[i:i + 10_000] = mixture_images(pseudo_x, {k: v[i:i + 10_000] for k, v in recipes.items()},
                                               tuple(fingerprint["bounds"]))
-    return images, labels, json.loads(manifest_path.read_text())
+    return images, labels, manifest

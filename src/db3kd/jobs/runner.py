@@ -15,8 +15,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..errors import BudgetExceededError
 from ..executors import Executor, LocalExecutor, ShardDone, query_accounting, run_shards
-from ..io import write_json
+from ..io import exclusive, write_json
 from ..oracle import LabelOracle
 from ..shards import ShardStore
 
@@ -44,6 +45,10 @@ class ShardedJob:
         """Extra figures for the progress bar after a shard (e.g. a mean distance)."""
         return {}
 
+    def known_cost(self, shards: list[int]) -> int | None:
+        """Queries `shards` will need, when known before sending any (mixtures: one each); None if not."""
+        return None
+
     def fingerprint(self) -> dict:
         raise NotImplementedError
 
@@ -65,12 +70,23 @@ def run_job(job: ShardedJob, oracle: LabelOracle, out_dir: str | os.PathLike, ru
     manifest. `executor` computes the shards (default: in this process, with `oracle`, whose budget then caps
     the run).
     """
-    out = Path(out_dir)
-    store = ShardStore(out, {**run_info, **job.fingerprint()})  # another run's directory: refused before any query
+    with exclusive(out_dir) as out:  # one writer: a second process on the directory is refused
+        return _run(job, oracle, out, run_info, executor or LocalExecutor(), progress)
+
+
+def _run(job: ShardedJob, oracle: LabelOracle, out: Path, run_info: dict, executor: Executor, progress: bool) -> dict:
+    # The teacher enters the fingerprint by what it is (its identity), not by where it was found (run_info's path).
+    identity = {"teacher_identity": oracle.identity}
+    fingerprint = {**{k: v for k, v in run_info.items() if k != "teacher"}, **identity, **job.fingerprint()}
+    store = ShardStore(out, fingerprint)  # another run's directory: refused before any query
     job.prepare(oracle, out)
     sizes = job.shard_sizes()
     todo = [s for s in range(len(sizes)) if not store.done(s)]
-    executor = executor or LocalExecutor()
+    cost = job.known_cost(todo)
+    if cost is not None and oracle.remaining is not None and cost > oracle.remaining:
+        raise BudgetExceededError(oracle.queries, oracle.budget, cost, advice=(
+            f"The {len(todo)} {job.name} shard(s) still to do need {cost:,} queries, known in advance: nothing was "
+            "sent for them. Raise --budget-total, or ask for less."))
     bar = tqdm(total=sum(sizes), initial=sum(sizes) - sum(sizes[s] for s in todo), unit=job.unit, desc=job.name,
                disable=not progress, mininterval=1 if sys.stderr.isatty() else 30)  # sparse lines in logs
 
@@ -85,7 +101,7 @@ def run_job(job: ShardedJob, oracle: LabelOracle, out_dir: str | os.PathLike, ru
     merged = store.merge(range(len(sizes)))
     shard_queries = merged.pop("shard_queries")
     seconds = float(merged.pop("shard_seconds").sum())
-    manifest = {**run_info, **job.merge(merged, out), "shards": len(sizes),
+    manifest = {**run_info, **identity, **job.merge(merged, out), "shards": len(sizes),
                 "total_queries": job.prepaid_queries + int(shard_queries.sum()),
                 **query_accounting(out, shard_queries.tolist()), "executor": summary, "seconds": seconds,
                 "version": __version__}

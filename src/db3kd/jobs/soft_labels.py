@@ -9,6 +9,7 @@ result is `soft_labels.npz` with distances and the paper's logits, and `manifest
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ..checks import integer
-from ..errors import BudgetExceededError, ConfigError, DataError
+from ..errors import BudgetExceededError, ConfigError, DataError, TeacherError
 from ..executors import ATTEMPTS_FILE, AttemptLog, Executor
-from ..io import save_npz
+from ..executors.base import describe
+from ..io import load_npz, save_npz
 from ..oracle import LabelOracle
 from ..robustness import ESTIMATORS, distances_to_logits, estimator_from_name
 from .runner import ShardedJob, run_job
@@ -131,7 +133,7 @@ class SoftLabelJob(ShardedJob):
         result = self.config.estimator(oracle, self.x[idx], y[idx], self.x, y, seed=self.config.seed,
                                        return_points=self.config.save_points)
         if result.budget_exhausted:
-            raise BudgetExceededError(oracle.queries, oracle.budget, 1, advice=(
+            raise BudgetExceededError(oracle.queries, oracle.budget, result.refused, advice=(
                 f"It ran out during shard {shard}; finished shards are kept in {self.out}: rerun the same command "
                 "with a larger budget to resume."))
         arrays = dict(indices=idx, labels=y[idx], distances=result.distances, queries=result.queries)
@@ -165,17 +167,41 @@ class SoftLabelJob(ShardedJob):
 
 
 def reference_labels(out: Path, oracle: LabelOracle, reference_x: np.ndarray) -> tuple[np.ndarray, int]:
-    """The teacher's labels of the reference samples, asked once per run directory and kept there."""
+    """The teacher's labels of the reference samples, asked once per run directory and kept there (for this
+    teacher and these images only). Their queries are recorded in attempts.jsonl whatever happens next."""
     path = out / "reference_labels.npz"
+    key = json.dumps({"teacher_identity": oracle.identity, "images_sha256": digest(reference_x)})
     if path.exists():
-        with np.load(path, allow_pickle=False) as cached:
-            return cached["labels"], int(cached["queries"])
-    before = oracle.queries
-    labels = oracle.labels(reference_x)
-    queries = oracle.queries - before
-    save_npz(path, labels=labels, queries=queries)
-    AttemptLog(out / ATTEMPTS_FILE).record("driver", None, 1, queries, kept=True)
-    return labels, queries
+        cached = load_npz(path, "delete it and rerun: the references are labelled again")
+        if str(cached.get("key")) == key:
+            return _two_classes(cached["labels"], oracle), int(cached["queries"])
+    n = len(reference_x)
+    if oracle.remaining is not None and oracle.remaining < n:
+        raise BudgetExceededError(oracle.queries, oracle.budget, n, advice=(
+            f"Labelling the split's {n:,} reference images (the candidate directions, once per run directory) "
+            "needs that many queries before any soft label: nothing was sent. Raise --budget-total."))
+    log, before = AttemptLog(out / ATTEMPTS_FILE), oracle.queries
+    try:
+        labels = oracle.labels(reference_x)
+        save_npz(path, labels=labels, queries=oracle.queries - before, key=key)
+    except BaseException as e:  # the queries sent are paid for: recorded before anything else
+        log.record("driver", None, 1, oracle.queries - before, kept=False, error=describe(e))
+        if isinstance(e, OSError):
+            raise DataError(f"cannot write {path} ({e.strerror or e}): the {oracle.queries - before:,} queries of "
+                            f"the reference labels are recorded in {ATTEMPTS_FILE} but their answers are lost. Free "
+                            "space and rerun the same command") from e
+        raise
+    log.record("driver", None, 1, oracle.queries - before, kept=True)
+    return _two_classes(labels, oracle), oracle.queries - before
+
+
+def _two_classes(labels: np.ndarray, oracle: LabelOracle) -> np.ndarray:
+    """`labels` if the teacher gave the references at least two classes (else no class has a direction)."""
+    classes = np.unique(labels)
+    if len(classes) < 2:
+        raise TeacherError(f"teacher {oracle.name} labels all {len(labels):,} reference images class {classes[0]}: no "
+                           "other class has a sample to search toward. Is it the teacher of this data?")
+    return labels
 
 
 def compute_soft_labels(oracle: LabelOracle, x: np.ndarray, indices: np.ndarray, config: SoftLabelConfig,

@@ -12,7 +12,6 @@ result as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from ..checks import integer, number
 from ..errors import BudgetExceededError, ConfigError, DataError
 from ..executors import Executor, ShardDone
-from ..io import save_npz
+from ..io import load_json, load_npz, save_npz
 from ..oracle import LabelOracle
 from ..robustness import BoundaryDistance, MinimalBoundaryDistance
 from .runner import MANIFEST, ShardedJob, run_job
@@ -210,7 +209,7 @@ class BoundaryPush:
 
 def _raise_if_exhausted(result, oracle: LabelOracle) -> None:
     if result.budget_exhausted:
-        raise BudgetExceededError(oracle.queries, oracle.budget, 1, advice=(
+        raise BudgetExceededError(oracle.queries, oracle.budget, result.refused, advice=(
             "The unfinished shard is dropped; finished shards are kept: rerun the same command to resume."))
 
 
@@ -337,11 +336,8 @@ def plot_samples(trajectory: np.ndarray, labels: np.ndarray, path: Path) -> Path
 def load_pseudo_samples(directory: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
     """Images, labels and manifest of a `db3kd synthesize` output directory."""
     directory = Path(directory)
-    npz, manifest = directory / RESULTS, directory / MANIFEST
-    for path in (npz, manifest):
-        if not path.is_file():
-            raise DataError(f"{path} not found: expected the output directory of `db3kd synthesize --out {directory}`")
-    with np.load(npz, allow_pickle=False) as data:
-        if "images" not in data.files or "labels" not in data.files:
-            raise DataError(f"{npz} lacks images or labels; is it the output of `db3kd synthesize`?")
-        return data["images"], data["labels"].astype(np.int64), json.loads(manifest.read_text())
+    remedy = f"expected the output directory of `db3kd synthesize --out {directory}`; rerun it to remake it"
+    manifest, data = load_json(directory / MANIFEST, remedy), load_npz(directory / RESULTS, remedy)
+    if "images" not in data or "labels" not in data:
+        raise DataError(f"{directory / RESULTS} lacks images or labels; {remedy}")
+    return data["images"], data["labels"].astype(np.int64), manifest

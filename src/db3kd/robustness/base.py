@@ -44,6 +44,7 @@ class RobustnessResult:
             pair (`mbd` only), else None.
         checkpoints: queries per pair at which `distances_at` was recorded.
         budget_exhausted: True when the oracle's budget stopped the run early; results so far are kept.
+        refused: queries of the batch the budget refused (0 unless budget_exhausted).
     """
 
     distances: np.ndarray
@@ -52,6 +53,7 @@ class RobustnessResult:
     distances_at: np.ndarray | None = None
     checkpoints: tuple[int, ...] = ()
     budget_exhausted: bool = False
+    refused: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class PairRun:
         self.best = torch.full((n,), float("inf"), dtype=torch.float64)
         self.queries = torch.zeros(n, dtype=torch.int64)
         self.points = torch.full((n, *x.shape[1:]), float("nan")) if keep_points else None
-        self.budget_exhausted = False
+        self.budget_exhausted, self.refused = False, 0
 
     def ask(self, oracle: LabelQueries, rows: torch.Tensor, points: torch.Tensor, x: torch.Tensor,
             target: torch.Tensor) -> torch.Tensor:
@@ -117,7 +119,7 @@ class PairRun:
             points = np.full((self.n_samples, k, *self.points.shape[1:]), np.nan, dtype=np.float32)
             points[s, t] = self.points.numpy()
         return RobustnessResult(distances, queries, points, checkpoints=checkpoints,
-                                budget_exhausted=self.budget_exhausted)
+                                budget_exhausted=self.budget_exhausted, refused=self.refused)
 
 
 class Estimator:
@@ -170,8 +172,8 @@ class Estimator:
                 rows = torch.arange(start, min(start + self.batch_pairs, len(pairs)))
                 ps, pt = pairs.sample[rows], pairs.target[rows]
                 self._search(oracle, Chunk(rows, xt[ps], pt, ref, index[ps, pt], dist[ps, pt]), run, state)
-        except BudgetExceededError:
-            run.budget_exhausted = True
+        except BudgetExceededError as e:
+            run.budget_exhausted, run.refused = True, e.requested
         result = self._end(run, state)
         if not return_points:
             result.points = None

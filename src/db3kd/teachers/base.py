@@ -13,7 +13,9 @@ class LabelBackend(Protocol):
     """A teacher that answers top-1 labels and nothing else.
 
     Backends are only ever called by `LabelOracle`, which validates inputs, clips them to `bounds`,
-    splits batches into chunks of at most `preferred_batch` and counts every image.
+    splits batches into chunks of at most `preferred_batch` and counts every image. A backend may also have an
+    `identity` (what tells this teacher from another: a file's digest, a service's URL and contract), which
+    run directories record; else its `name` stands for it.
     """
 
     name: str

@@ -108,6 +108,8 @@ class HttpBackend:
         self.num_classes = num_classes
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.max_batch = max_batch  # None: the service did not say
+        # A service is identified by its URL and the contract it declares (not by its count of images served).
+        self.identity = f"{self.url} input_shape={list(shape)} num_classes={num_classes} bounds={list(self.bounds)}"
         self.batch_limit = DEFAULT_BATCH if max_batch is None else max_batch  # most images sent in one request
         self.preferred_batch = min(self.batch_limit, MAX_PREFERRED_BATCH)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.download import file_digest
 from ..errors import TeacherError
 
 
@@ -34,6 +35,7 @@ class OnnxBackend:
         self.input_shape, self.num_classes, self.bounds = self.model.input_shape, self.model.num_classes, self.model.bounds
         self.preferred_batch = int(preferred_batch)
         self.name = f"onnx:{path}"
+        self.identity = "sha256:" + file_digest(Path(path))  # the file's content: a retrained teacher is another one
 
     def predict_labels(self, x: torch.Tensor) -> np.ndarray:
         return self.model.scores(x.detach().cpu().numpy()).argmax(axis=1)

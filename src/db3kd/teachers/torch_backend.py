@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -29,14 +30,19 @@ class TorchBackend:
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.preferred_batch = int(preferred_batch)
         self.name = name or f"torch:{type(module).__name__}"
+        self.identity = self.name  # a checkpoint's is its content (from_checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device=None, **kwargs) -> "TorchBackend":
         """Load a `model.pt` written by `db3kd train-teacher`."""
         from ..checkpoint import load_checkpoint
 
+        from ..data.download import file_digest
+
         module, spec = load_checkpoint(path)
-        return cls(module, spec.input_shape, spec.num_classes, spec.bounds, device=device, name=f"torch:{path}", **kwargs)
+        backend = cls(module, spec.input_shape, spec.num_classes, spec.bounds, device=device, name=f"torch:{path}", **kwargs)
+        backend.identity = "sha256:" + file_digest(Path(path))
+        return backend
 
     @torch.inference_mode()
     def predict_labels(self, x: torch.Tensor) -> torch.Tensor:
