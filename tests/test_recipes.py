@@ -209,7 +209,7 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("students.train.lr", True, r"^students\.train\.lr: expected a number, got True$"),
     ("students.arch", ["lenet6"], r"^students\.arch: expected models from .*lenet5-half.*, got 'lenet6'$"),
     ("students.arch", "lenet5", r"^students\.arch: expected a list, got 'lenet5'$"),
-    ("dataset.name", "imagenet", r"^dataset\.name: expected one of mnist, .*digits, got 'imagenet'$"),
+    ("dataset.name", "imagenet", r"^dataset\.name: expected one of mnist, .*digits or the path of your images \(relative to the recipe file\), got 'imagenet': not found$"),
     ("soft_labels.bd.method", "xd", r"^soft_labels\.bd\.method: unknown robustness estimator 'xd'; expected one of 'sd', 'bd', 'mbd'$"),
     ("soft_labels.bd.params", {"budget": 5}, r"^soft_labels\.bd\.params: unknown parameter\(s\) 'budget'"),
     ("soft_labels.bd.checkpoint_students", True, r"^soft_labels\.bd\.checkpoint_students: expected false unless"),

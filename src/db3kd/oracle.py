@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .data.images import ImageStore
 from .errors import BudgetExceededError, DB3KDError, InputError, TeacherError
 from .teachers.base import LabelBackend
 
@@ -97,7 +98,8 @@ class LabelOracle:
         """Teacher labels (int64, one per image) for a batch (N, C, H, W) of float32 images.
 
         Args:
-            x: the images; a NumPy input gets a NumPy answer, a tensor a tensor on x's device.
+            x: the images; a NumPy input gets a NumPy answer, a tensor a tensor on x's device; an
+                `ImageStore` (a folder on disk) is read and labelled chunk by chunk, for a NumPy answer.
             ids: optional non-negative sample id per image; queries are then also counted per id
                 (see `queries_for`).
 
@@ -106,6 +108,11 @@ class LabelOracle:
             BudgetExceededError: the batch would exceed the budget or the ledger's. Nothing is sent.
             TeacherError: the backend answered something that is not N labels in [0, K).
         """
+        if isinstance(x, ImageStore):
+            if self.budget is not None and self.queries + len(x) > self.budget:
+                raise BudgetExceededError(self.queries, self.budget, len(x))  # the whole store, as for an array
+            return np.concatenate([self.labels(chunk, None if ids is None else np.asarray(ids)[start:start + len(chunk)])
+                                   for start, chunk in x.chunks()]) if len(x) else np.zeros(0, dtype=np.int64)
         as_numpy = isinstance(x, np.ndarray)
         xt = self._validate(x)
         id_array = self._validate_ids(ids, len(xt))

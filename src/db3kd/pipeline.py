@@ -40,6 +40,7 @@ from .errors import ConfigError
 from .io import exclusive, write_json, write_text
 from .recipe import Recipe
 from .teachers import TeacherSpec
+from .data.images import ImageStore
 from .transfer import TransferCost, TransferSet
 
 STAGE_FILE = "stage.json"
@@ -146,22 +147,32 @@ class _Context:
     """What stages share, loaded on first use: a rerun with nothing to do opens no data and no teacher."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, api_key: str | None, progress: bool):
-        self.recipe, self.run_dir, self.progress = recipe, run_dir, progress
+        self.recipe, self.run_dir, self.progress, self._data = recipe, run_dir, progress, {}
         self.teacher = TeacherSpec.parse(recipe.teacher, api_key)
 
     @cached_property
-    def transfer_x(self) -> np.ndarray:
-        """The transfer images: the pseudo samples (zero-shot), else the first transfer.subset of the split."""
+    def transfer_x(self):
+        """The transfer images: the pseudo samples (zero-shot), else the first transfer.subset of the split (or
+        of the user's images, an `ImageStore` for a folder)."""
         if self.recipe.transfer.zero_shot:
             return self.pseudo[0]
-        from .data import load_split
-
-        x, _ = load_split(self.recipe.dataset.name, self.recipe.transfer.split, self.recipe.dataset.data_dir)
-        subset = self.recipe.transfer.subset
+        x, subset = self.data(self.recipe.transfer.split)[0], self.recipe.transfer.subset
         if subset is not None and subset > len(x):
             raise ConfigError(f"transfer.subset: expected at most {len(x)} (the {self.recipe.transfer.split} "
                               f"split's size), got {subset}")
-        return x[:subset]
+        return x if subset is None else x.head(subset) if isinstance(x, ImageStore) else x[:subset]
+
+    def data(self, split: str) -> tuple:
+        """(x, y or None, what manifests record) of a split (read once; zero-shot never reads "train"); the
+        user's images through the teacher's contract."""
+        from .transfer import dataset_images
+
+        if split not in self._data:
+            d = self.recipe.dataset
+            path = d.name if not d.own or split == "train" else d.test
+            self._data[split] = dataset_images(path, split, self.oracle, d.data_dir, d.resize, d.skip_bad_images,
+                                               self.progress)
+        return self._data[split]
 
     @cached_property
     def pseudo(self) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -190,23 +201,28 @@ class _Context:
         return transfer.with_mixtures(images, labels, manifest["total_queries"])
 
     @cached_property
-    def test(self) -> tuple[np.ndarray, np.ndarray]:
-        from .data import load_split
-
-        return load_split(self.recipe.dataset.name, "test", self.recipe.dataset.data_dir)
+    def test(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The test images (in memory) and their labels (None: unlabelled, fidelity only)."""
+        x, y, _ = self.data("test")
+        return np.asarray(x), y
 
     @cached_property
     def info(self):
-        from .data import dataset_info
+        from .data import DatasetInfo, dataset_info
 
-        return dataset_info(self.recipe.dataset.name)
+        if not self.recipe.dataset.own:
+            return dataset_info(self.recipe.dataset.name)
+        oracle = self.oracle
+        return DatasetInfo(Path(self.recipe.dataset.name).name, tuple(oracle.input_shape), oracle.num_classes,
+                           tuple(str(c) for c in range(oracle.num_classes)))
 
     @cached_property
     def oracle(self):
         from .oracle import open_oracle
 
         oracle = open_oracle(self.teacher)
-        oracle.check_fits(self.info.input_shape, self.info.num_classes, f"the recipe's dataset {self.info.name}")
+        if not self.recipe.dataset.own:  # the user's images are converted to the teacher's contract instead
+            oracle.check_fits(self.info.input_shape, self.info.num_classes, f"the recipe's dataset {self.info.name}")
         return oracle
 
     @cached_property
@@ -334,6 +350,8 @@ def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     if spec.subset is not None and spec.subset > len(x):
         raise ConfigError(f"soft_labels.{name}.subset: expected at most {len(x)} (the transfer set's size), got {spec.subset}")
     run_info = {"teacher": ctx.recipe.teacher, "dataset": ctx.recipe.dataset.name, "split": ctx.recipe.transfer.split}
+    if not ctx.recipe.transfer.zero_shot:
+        run_info.update(ctx.data(ctx.recipe.transfer.split)[2])  # a path: where the images came from, how converted
     pseudo = {}
     if ctx.recipe.transfer.zero_shot:
         # Pseudo samples: their labels are the teacher's already (no labelling queries), and the images go

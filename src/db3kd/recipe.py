@@ -65,15 +65,29 @@ def _expect(ok: bool, name: str, expected: str, value) -> None:
 
 @dataclass
 class DatasetSpec:
-    """Which dataset the transfer and test images come from."""
+    """Which images the transfer and test sets come from: a dataset of `db3kd.data.DATASETS` (its splits), or
+    your own (`name` a path, relative to the recipe file: a folder or an .npy/.npz, converted to the teacher's
+    input by `resize`; `test` the images for accuracy if labelled, else for fidelity only)."""
 
     name: str
     data_dir: str | None = None  # None: $DB3KD_DATA, else ~/.cache/db3kd/data
+    test: str | None = None
+    resize: str = "crop"
+    skip_bad_images: bool = False
 
     def __post_init__(self):
         from .data import DATASETS
 
-        _expect(self.name in DATASETS, "name", f"one of {', '.join(DATASETS)}", self.name)
+        _expect(self.resize in ("crop", "pad"), "resize", "crop or pad", self.resize)
+        _expect(self.own or self.test is None, "test", "null with a named dataset (its test split is the test set)",
+                self.test)
+
+    @property
+    def own(self) -> bool:
+        """The user's images (a path), not a named dataset."""
+        from .data import DATASETS
+
+        return self.name not in DATASETS
 
 
 @dataclass
@@ -174,7 +188,7 @@ class Recipe:
         _expect(len(set(self.baselines)) == len(self.baselines), "baselines", "distinct names", self.baselines)
         _expect(bool(self.soft_labels or self.baselines), "soft_labels",
                 "at least one soft-label stage or baseline", self.soft_labels)
-        if self.transfer.zero_shot:
+        if self.transfer.zero_shot and not self.dataset.own:  # a path's classes are the teacher's: known later
             self._check_synthesis()
         for stage, spec in self.soft_labels.items():
             size, name = self.transfer_size()
@@ -188,13 +202,13 @@ class Recipe:
 
     def transfer_size(self) -> tuple[int | None, str]:
         """The number of transfer images if the recipe fixes it (None: the whole split), and what sets it."""
-        if self.transfer.zero_shot:
+        if self.transfer.zero_shot and not self.dataset.own:
             from .data import dataset_info
 
             per_class = self.transfer.synthesize.per_class
             classes = dataset_info(self.dataset.name).num_classes
             return per_class * classes, f"transfer.synthesize.per_class x {classes} classes"
-        return self.transfer.subset, "transfer.subset"
+        return (None, "the teacher's classes") if self.transfer.zero_shot else (self.transfer.subset, "transfer.subset")
 
     def _check_synthesis(self) -> None:
         """The synthesis checks that need the number of classes (the dataset's: the teacher's is not opened)."""
@@ -248,6 +262,17 @@ def parse_recipe(raw, base_dir: str | os.PathLike = ".", check_files: bool = Tru
         recipe.teacher = str(teacher)
     if recipe.dataset.data_dir is not None:
         recipe.dataset.data_dir = str((base / recipe.dataset.data_dir).resolve())
+    if recipe.dataset.own:  # the user's images: a path, and one for the test set
+        from .data import DATASETS
+
+        d = recipe.dataset
+        if check_files and not (base / d.name).exists():
+            raise ConfigError(f"dataset.name: expected one of {', '.join(DATASETS)} or the path of your images "
+                              f"(relative to the recipe file), got {d.name!r}: not found")
+        if d.test is None:
+            raise ConfigError("dataset.test: expected the path of your test images (a folder or arrays: labelled for "
+                              "accuracy, else fidelity only) beside a path dataset")
+        d.name, d.test = str((base / d.name).resolve()), str((base / d.test).resolve())
     return recipe
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import load_split
+from .data import DATASETS, dataset_info, load_split
+from .data.images import ImageTransform, load_images
 from .errors import DataError
 from .io import load_json, load_npz
+from .oracle import LabelOracle
 from .robustness import distances_to_logits
 
 
@@ -93,6 +95,34 @@ class TransferSet:
                 "queries_per_pair": self.queries_per_pair, "white_box": self.white_box}
 
 
+def dataset_images(dataset: str, split: str, oracle: LabelOracle, data_dir: str | os.PathLike | None = None,
+                   resize: str = "crop", skip_bad: bool = False, progress: bool = True) -> tuple:
+    """(x, y or None, what a manifest records of them): the `split` of a dataset named in `DATASETS`, or the images
+    at a path (a folder or arrays, `db3kd.data.images`) converted to the teacher's contract. A teacher of other
+    images or classes is refused before any query."""
+    if dataset in DATASETS:
+        info = dataset_info(dataset)
+        oracle.check_fits(info.input_shape, info.num_classes, f"the {dataset} dataset")
+        x, y = load_split(dataset, split, data_dir)
+        return x, y, {"dataset": dataset, "split": split}
+    images = load_images(dataset, ImageTransform(tuple(oracle.input_shape), tuple(oracle.bounds), resize),
+                         skip_bad=skip_bad, progress=progress)
+    if images.classes is not None and len(images.classes) != oracle.num_classes:
+        raise DataError(f"{dataset} has {len(images.classes)} class folders ({', '.join(images.classes[:5])}...) but "
+                        f"teacher {oracle.name} answers {oracle.num_classes} classes: expected one folder per class")
+    return images.x, images.y, {"dataset": str(Path(dataset).resolve()), "split": "images", "images": images.source}
+
+
+def images_of(manifest: dict, data_dir: str | os.PathLike | None = None):
+    """The images a manifest's `dataset_images` came from, again (a folder through its cache)."""
+    source = manifest.get("images")
+    if source is None:
+        return load_split(manifest["dataset"], manifest.get("split", "train"), data_dir)[0]
+    t = source["transform"]
+    return load_images(source["path"], ImageTransform(tuple(t["input_shape"]), tuple(t["bounds"]), t["resize"]),
+                       skip_bad=bool(source["skipped"]), progress=False).x
+
+
 def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike | None = None,
                       checkpoint: int | None = None) -> TransferSet:
     """The output of `db3kd soft-labels` (soft_labels.npz + manifest.json) in `directory`, as a transfer set.
@@ -114,9 +144,8 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
     if "images" in arrays:
         images, source = arrays["images"], "synthesized"
     else:
-        split = manifest.get("split", "train")
-        x, _ = load_split(manifest["dataset"], split, data_dir)
-        images, source = x[arrays["indices"]], f"{split} split"
+        images = images_of(manifest, data_dir)[arrays["indices"]]
+        source = f"{manifest.get('split', 'train')} split" if "images" not in manifest else manifest["images"]["kind"]
     labels = arrays["labels"].astype(np.int64)
     logits, spent = arrays["logits"], int(manifest["estimator_queries"])
     queries_per_pair = manifest.get("queries_per_pair")

@@ -31,10 +31,21 @@ def teacher_spec(args):
     return None if args.teacher is None else TeacherSpec.parse(args.teacher, args.api_key)
 
 
-def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_data_args(parser: argparse.ArgumentParser, required: bool = True, images: bool = False) -> None:
+    """--dataset and --data-dir; with `images`, --dataset may also be a path, with the options of such data."""
     from ..data import DATASETS
 
-    parser.add_argument("--dataset", required=required, choices=DATASETS, help="dataset name")
+    if not images:
+        parser.add_argument("--dataset", required=required, choices=DATASETS, help="dataset name")
+    else:
+        parser.add_argument("--dataset", required=required, metavar="NAME|PATH",
+                            help=f"a dataset ({', '.join(DATASETS)}) or your images: a folder (one subfolder per "
+                                 "class, or flat and unlabelled) or an .npy/.npz, converted to the teacher's input")
+        parser.add_argument("--resize", choices=("crop", "pad"), default="crop",
+                            help="images of another size: resize the shorter side and crop the centre (default), or "
+                                 "resize the longer side and pad with the lower bound")
+        parser.add_argument("--skip-bad-images", action="store_true",
+                            help="leave out files that cannot be decoded (listed in the manifest) instead of stopping")
     parser.add_argument("--data-dir", default=None,
                         help="directory holding the datasets (default: $DB3KD_DATA, else ~/.cache/db3kd/data)")
 

@@ -13,7 +13,7 @@ from .common import add_budget_arg, add_data_args, add_executor_args, add_teache
 def register(subparsers) -> None:
     parser = command(subparsers, "soft-labels", run, "estimate boundary distances (sd, bd, mbd) and soft labels")
     add_teacher_args(parser)
-    add_data_args(parser, required=False)
+    add_data_args(parser, required=False, images=True)
     parser.add_argument("--pseudo", metavar="DIR",
                         help="instead of --dataset: the pseudo samples of `db3kd synthesize --out DIR` (zero-shot); "
                              "their labels are the teacher's already, so no labelling queries are sent, and the "
@@ -61,10 +61,10 @@ def estimator_params(args) -> dict:
 def run(args) -> int:
     import numpy as np
 
-    from ..data import load_split
     from ..errors import ConfigError
     from ..jobs.soft_labels import SoftLabelConfig, check_indices, compute_soft_labels, digest, read_indices
     from ..oracle import open_oracle
+    from ..transfer import dataset_images
 
     config = SoftLabelConfig(method=args.method, params=estimator_params(args), seed=args.seed,
                              shard_size=args.shard_size, save_points=args.save_points)
@@ -73,6 +73,8 @@ def run(args) -> int:
         raise ConfigError("expected exactly one of --dataset (real samples) or --pseudo DIR (synthesized samples), "
                           f"got {'both' if args.dataset else 'neither'}")
     pseudo = {}
+    teacher = teacher_spec(args)
+    oracle = open_oracle(teacher, budget=args.budget)
     if args.pseudo:
         from ..jobs.synthesis import load_pseudo_samples
 
@@ -80,9 +82,9 @@ def run(args) -> int:
         run_info = {"teacher": args.teacher, "pseudo": str(args.pseudo), "split": "pseudo",
                     "pseudo_sha256": digest(x, reference_y)}
         pseudo = {"reference_y": reference_y, "store_images": True, "synthesis_queries": synthesis["total_queries"]}
-    else:
-        x, _ = load_split(args.dataset, args.split, args.data_dir)
-        run_info = {"teacher": args.teacher, "dataset": args.dataset, "split": args.split}
+    else:  # before any query: a teacher of other data is refused
+        x, _, data = dataset_images(args.dataset, args.split, oracle, args.data_dir, args.resize, args.skip_bad_images)
+        run_info = {"teacher": args.teacher, **data}
     if args.indices:
         indices = read_indices(args.indices, len(x))
     elif args.subset is not None:
@@ -91,13 +93,6 @@ def run(args) -> int:
         indices = np.arange(args.subset)
     else:
         indices = check_indices(np.arange(len(x)), len(x))
-    teacher = teacher_spec(args)
-    oracle = open_oracle(teacher, budget=args.budget)
-    if args.dataset:  # before any query: a teacher of other data would label it all wrong
-        from ..data import dataset_info
-
-        info = dataset_info(args.dataset)
-        oracle.check_fits(info.input_shape, info.num_classes, f"the {args.dataset} dataset")
     with teacher.thread_policy():
         manifest = compute_soft_labels(oracle, x, indices, config, args.out, run_info, executor=executor, **pseudo)
     median = "none found" if manifest["median_distance"] is None else f"{manifest['median_distance']:.3f}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checks import integer
+from ..data.images import ImageStore
 from ..errors import BudgetExceededError, ConfigError, DataError, TeacherError
 from ..executors import ATTEMPTS_FILE, AttemptLog, Executor
 from ..executors.base import describe
@@ -82,7 +83,8 @@ def digest(*arrays: np.ndarray) -> str:
     """SHA-256 of arrays' bytes: what a run records of data no dataset name identifies (indices, pseudo samples)."""
     h = hashlib.sha256()
     for array in arrays:
-        h.update(np.ascontiguousarray(array).tobytes())
+        for _, part in array.chunks() if isinstance(array, ImageStore) else [(0, array)]:  # a folder: in chunks
+            h.update(np.ascontiguousarray(part).tobytes())
     return h.hexdigest()
 
 

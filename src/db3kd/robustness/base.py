@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from ..data.images import ImageStore
 from ..errors import BudgetExceededError, InputError
 
 # Rows of the (sample, reference) distance matrix computed at once: 256 x 60000 float32 is 60 MiB.
@@ -75,7 +76,7 @@ class Chunk:
     rows: torch.Tensor  # (P,) rows of the run
     x: torch.Tensor  # (P, C, H, W) the sample of each pair
     target: torch.Tensor  # (P,) target classes
-    reference_x: torch.Tensor  # (M, C, H, W) all references
+    reference_x: torch.Tensor | ImageStore  # (M, C, H, W) all references (see `reference_rows`)
     index: torch.Tensor  # (P, J) candidate reference rows of class t, nearest first (-1: none)
     distance: torch.Tensor  # (P, J) their distances to x
 
@@ -154,7 +155,11 @@ class Estimator:
         xt = as_images(x, "x", oracle.input_shape)
         k = oracle.num_classes
         labels_t = as_labels(labels, len(xt), k, "labels")
-        ref = as_images(reference_x, "reference_x", oracle.input_shape)
+        ref = reference_x if isinstance(reference_x, ImageStore) else \
+            as_images(reference_x, "reference_x", oracle.input_shape)
+        if tuple(ref.shape[1:]) != tuple(oracle.input_shape):
+            raise InputError(f"expected reference_x of shape (N, {', '.join(map(str, oracle.input_shape))}), "
+                             f"got {tuple(ref.shape)}")
         ref_y = as_labels(reference_y, len(ref), k, "reference_y")
         pairs = make_pairs(labels_t, k, targets)
         index, dist = nearest_by_class(xt, ref, ref_y, k, self.directions)
@@ -238,42 +243,60 @@ def make_pairs(labels: torch.Tensor, num_classes: int, targets) -> Pairs:
     return Pairs(sample, target, num_classes)
 
 
-def nearest_by_class(x: torch.Tensor, reference_x: torch.Tensor, reference_y: torch.Tensor, num_classes: int,
-                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_by_class(x: torch.Tensor, reference_x: torch.Tensor | ImageStore, reference_y: torch.Tensor,
+                     num_classes: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest reference samples (L2) of every class for every sample.
 
     Returns:
         index: (N, K, k) int64 rows of `reference_x`, nearest first; -1 where class t has fewer than k.
         distance: (N, K, k) float64 L2 distances, inf where index is -1. References at distance 0 from
             the sample (the sample itself) are skipped: they give no direction.
+
+    References on disk (`ImageStore`) are read a chunk at a time, each chunk's candidates merged with the best
+    so far; in memory they are one chunk.
     """
     n = len(x)
     index = torch.full((n, num_classes, k), -1, dtype=torch.int64)
     distance = torch.full((n, num_classes, k), float("inf"), dtype=torch.float64)
     flat_x = x.reshape(n, -1)
-    flat_r = reference_x.reshape(len(reference_x), -1)
-    for t in range(num_classes):
-        members = (reference_y == t).nonzero().flatten()
-        if not len(members):
-            continue
-        r = flat_r[members]
-        r_sq = (r * r).sum(dim=1)  # (M_t,)
-        kk = min(k + 1, len(members))  # one spare in case the sample itself is a member
-        for start in range(0, n, _DISTANCE_CHUNK):
-            q = flat_x[start:start + _DISTANCE_CHUNK]
-            # Ranking by the float32 expansion is fast; the kept distances are then recomputed exactly.
-            d2 = (q * q).sum(dim=1, keepdim=True) - 2.0 * q @ r.T + r_sq[None, :]  # (n_chunk, M_t)
-            _, idx = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
-            rows = members[idx]  # (n_chunk, kk)
-            exact = (flat_r[rows] - q[:, None, :]).norm(dim=2).double()  # (n_chunk, kk)
-            exact = torch.where(exact == 0, float("inf"), exact)  # the sample itself gives no direction
-            exact, order = torch.sort(exact, dim=1, stable=True)
-            rows = torch.gather(rows, 1, order)[:, :k]
-            exact = exact[:, :k]
-            found = torch.isfinite(exact)
-            index[start:start + len(q), t, : exact.shape[1]] = torch.where(found, rows, -1)
-            distance[start:start + len(q), t, : exact.shape[1]] = exact
+    chunks = ((s, torch.from_numpy(c)) for s, c in reference_x.chunks()) if isinstance(reference_x, ImageStore) \
+        else [(0, reference_x)]
+    for first, block in chunks:
+        flat_r = block.reshape(len(block), -1)
+        block_y = reference_y[first:first + len(block)]
+        for t in range(num_classes):
+            members = (block_y == t).nonzero().flatten()
+            if not len(members):
+                continue
+            r = flat_r[members]
+            r_sq = (r * r).sum(dim=1)  # (M_t,)
+            kk = min(k + 1, len(members))  # one spare in case the sample itself is a member
+            # Samples per step: the exact distances below hold (step, kk, D) floats; at most 2^25 of them.
+            step = max(1, min(_DISTANCE_CHUNK, (1 << 25) // (kk * flat_r.shape[1])))
+            for start in range(0, n, step):
+                q = flat_x[start:start + step]
+                # Ranking by the float32 expansion is fast; the kept distances are then recomputed exactly.
+                d2 = (q * q).sum(dim=1, keepdim=True) - 2.0 * q @ r.T + r_sq[None, :]  # (n_chunk, M_t)
+                _, idx = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
+                exact = (r[idx] - q[:, None, :]).norm(dim=2).double()  # (n_chunk, kk)
+                exact = torch.where(exact == 0, float("inf"), exact)  # the sample itself gives no direction
+                rows = first + members[idx]
+                # Merged with the best of earlier chunks (inf, -1 at first); a stable sort keeps ties in order.
+                both = torch.cat([distance[start:start + len(q), t], exact], dim=1)
+                both_rows = torch.cat([index[start:start + len(q), t], rows], dim=1)
+                both, order = torch.sort(both, dim=1, stable=True)
+                both_rows = torch.gather(both_rows, 1, order)
+                found = torch.isfinite(both[:, :k])
+                index[start:start + len(q), t] = torch.where(found, both_rows[:, :k], -1)
+                distance[start:start + len(q), t] = both[:, :k]
     return index, distance
+
+
+def reference_rows(reference_x: torch.Tensor | ImageStore, rows: torch.Tensor) -> torch.Tensor:
+    """The references at `rows` as a float32 tensor, from memory or from disk."""
+    if isinstance(reference_x, ImageStore):
+        return torch.from_numpy(reference_x[rows.numpy()])
+    return reference_x[rows]
 
 
 def pair_seeds(x: torch.Tensor, pairs: Pairs, seed: int) -> np.ndarray:

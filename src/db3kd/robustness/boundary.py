@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..checks import integer, number
-from .base import Chunk, Estimator, LabelQueries, PairRun, segment_points
+from .base import Chunk, Estimator, LabelQueries, PairRun, reference_rows, segment_points
 
 
 class BoundaryDistance(Estimator):
@@ -73,7 +73,7 @@ class BoundaryDistance(Estimator):
             at_hi = ~verified[a] & ((hi[a] < 1) | converged)
             alpha = torch.where(at_hi, hi[a], 0.5 * (lo[a] + hi[a]))
             xa = x[a]
-            points = segment_points(xa, chunk.reference_x[index[a, ptr[a]]], alpha, oracle.bounds)
+            points = segment_points(xa, reference_rows(chunk.reference_x, index[a, ptr[a]]), alpha, oracle.bounds)
             is_t = run.ask(oracle, rows[a], points, xa, target[a])
             # Bracket updates: a t-labelled point becomes the new (verified) upper end, else the lower end.
             hi[a] = torch.where(is_t, alpha, hi[a])

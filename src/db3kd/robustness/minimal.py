@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..data.images import ImageStore
 from ..errors import ConfigError
 from ..checks import integer, number
 from .base import (
@@ -18,6 +19,7 @@ from .boundary import BoundaryDistance
 # around only beyond ~4096 probes per pair (budgets above ~4000 queries).
 _BANK_SIZE = 4096
 _FIRST_GUESS = 0.85  # first bisection point, as a fraction of the previous distance
+_MAX_PCA_DIMENSIONS = 8192  # a (D, D) float64 covariance of 0.5 GB
 
 
 class MinimalBoundaryDistance(Estimator):
@@ -230,12 +232,24 @@ class MinimalBoundaryDistance(Estimator):
             lo[todo] = torch.where(is_t, lo[todo], mid)
 
 
-def principal_components(reference_x: torch.Tensor, k: int) -> torch.Tensor:
+def principal_components(reference_x: torch.Tensor | ImageStore, k: int) -> torch.Tensor:
     """(k', D) the leading k' = min(k, rank) principal directions of the references (rows, float64)."""
-    flat = reference_x.flatten(1)
-    mean = flat.mean(dim=0, keepdim=True)
-    centred = flat - mean
-    cov = (centred.T @ centred).double() / max(len(flat) - 1, 1)  # (D, D)
+    d = int(np.prod(reference_x.shape[1:]))
+    if d > _MAX_PCA_DIMENSIONS:
+        raise ConfigError(f"subspace='pca' needs the (D, D) covariance of the references, and D = {d:,} pixels is "
+                          f"more than {_MAX_PCA_DIMENSIONS:,}: use a probe grid instead (e.g. subspace=16)")
+    if isinstance(reference_x, ImageStore):  # on disk: the covariance from sums over chunks, in float64
+        total, outer = torch.zeros(d, dtype=torch.float64), torch.zeros((d, d), dtype=torch.float64)
+        for _, chunk in reference_x.chunks():
+            flat = torch.from_numpy(chunk).flatten(1).double()
+            total += flat.sum(dim=0)
+            outer += flat.T @ flat
+        n = len(reference_x)
+        cov = (outer - torch.outer(total, total) / n) / max(n - 1, 1)
+    else:
+        flat = reference_x.flatten(1)
+        centred = flat - flat.mean(dim=0, keepdim=True)
+        cov = (centred.T @ centred).double() / max(len(flat) - 1, 1)  # (D, D)
     values, vectors = torch.linalg.eigh(cov)  # ascending
     keep = min(k, int((values > values[-1] * 1e-9).sum()))
     return vectors[:, -keep:].flip(1).T.contiguous()
