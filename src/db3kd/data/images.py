@@ -2,8 +2,9 @@
 
 Every image is converted to the teacher's input contract by a declared `ImageTransform` (channels, size,
 value range). A folder is decoded in chunks (Pillow, two threads) straight into an on-disk `ImageStore`, an
-.npy of uint8 images cached under a key of the files and the transform: a folder of any size is read with
-bounded memory, and the next command on it reuses the cache. Arrays are converted in memory.
+.npy of uint8 images cached (in $DB3KD_CACHE/images, default ~/.cache/db3kd/images) under a key of the files and
+the transform: a folder of any size is read with bounded memory, and the next command on it reuses the cache.
+Arrays are converted in memory.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ class ImageTransform:
     def scale(self, pixels: np.ndarray) -> np.ndarray:
         """float32 teacher inputs from uint8 pixels."""
         lo, hi = self.bounds
-        return (np.float32(lo) + pixels.astype(np.float32) * np.float32((hi - lo) / 255)).astype(np.float32)
+        out = pixels.astype(np.float32)
+        out *= np.float32((hi - lo) / 255)
+        out += np.float32(lo)
+        return out
 
     def describe(self) -> dict:
         return {**asdict(self), "channels": "grey" if self.input_shape[0] == 1 else "RGB",
@@ -167,7 +171,8 @@ def load_images(path: str | os.PathLike, transform: ImageTransform, cache_dir: s
     if path.is_file():
         return _from_arrays(path, transform)
     files, labels, classes = scan_folder(path)
-    cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "db3kd" / "images"
+    cache = Path(cache_dir) if cache_dir is not None else \
+        Path(os.environ.get("DB3KD_CACHE") or Path.home() / ".cache" / "db3kd") / "images"
     stamp = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     key = hashlib.sha256(json.dumps([stamp, transform.describe(), skip_bad]).encode()).hexdigest()[:24]
     store_path, meta_path = cache / f"{key}.npy", cache / f"{key}.json"

@@ -19,6 +19,7 @@ from ..errors import BudgetExceededError, InputError
 
 # Rows of the (sample, reference) distance matrix computed at once: 256 x 60000 float32 is 60 MiB.
 _DISTANCE_CHUNK = 256
+_CHUNK_BYTES = 64 << 20  # the images of the pairs searched at once, at most (MNIST: 4096 pairs are 13 MB)
 
 
 class LabelQueries(Protocol):
@@ -172,9 +173,11 @@ class Estimator:
             pair_ids = sample_ids.to(torch.int64)[pairs.sample]
         run = PairRun(xt, pairs, return_points or self.keeps_points, pair_ids)
         state = self._begin(oracle, xt, pairs, ref, seed)
+        # Large images: fewer pairs at once, so that a chunk's images stay within _CHUNK_BYTES.
+        batch = max(1, min(self.batch_pairs, _CHUNK_BYTES // (4 * int(np.prod(oracle.input_shape)))))
         try:
-            for start in range(0, len(pairs), self.batch_pairs):
-                rows = torch.arange(start, min(start + self.batch_pairs, len(pairs)))
+            for start in range(0, len(pairs), batch):
+                rows = torch.arange(start, min(start + batch, len(pairs)))
                 ps, pt = pairs.sample[rows], pairs.target[rows]
                 self._search(oracle, Chunk(rows, xt[ps], pt, ref, index[ps, pt], dist[ps, pt]), run, state)
         except BudgetExceededError as e:
@@ -251,45 +254,61 @@ def nearest_by_class(x: torch.Tensor, reference_x: torch.Tensor | ImageStore, re
         index: (N, K, k) int64 rows of `reference_x`, nearest first; -1 where class t has fewer than k.
         distance: (N, K, k) float64 L2 distances, inf where index is -1. References at distance 0 from
             the sample (the sample itself) are skipped: they give no direction.
-
-    References on disk (`ImageStore`) are read a chunk at a time, each chunk's candidates merged with the best
-    so far; in memory they are one chunk.
     """
+    if isinstance(reference_x, ImageStore):
+        return _nearest_on_disk(x, reference_x, reference_y, num_classes, k)
     n = len(x)
     index = torch.full((n, num_classes, k), -1, dtype=torch.int64)
     distance = torch.full((n, num_classes, k), float("inf"), dtype=torch.float64)
     flat_x = x.reshape(n, -1)
-    chunks = ((s, torch.from_numpy(c)) for s, c in reference_x.chunks()) if isinstance(reference_x, ImageStore) \
-        else [(0, reference_x)]
-    for first, block in chunks:
-        flat_r = block.reshape(len(block), -1)
-        block_y = reference_y[first:first + len(block)]
-        for t in range(num_classes):
-            members = (block_y == t).nonzero().flatten()
-            if not len(members):
-                continue
-            r = flat_r[members]
-            r_sq = (r * r).sum(dim=1)  # (M_t,)
-            kk = min(k + 1, len(members))  # one spare in case the sample itself is a member
-            # Samples per step: the exact distances below hold (step, kk, D) floats; at most 2^25 of them.
-            step = max(1, min(_DISTANCE_CHUNK, (1 << 25) // (kk * flat_r.shape[1])))
-            for start in range(0, n, step):
-                q = flat_x[start:start + step]
-                # Ranking by the float32 expansion is fast; the kept distances are then recomputed exactly.
-                d2 = (q * q).sum(dim=1, keepdim=True) - 2.0 * q @ r.T + r_sq[None, :]  # (n_chunk, M_t)
-                _, idx = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
-                exact = (r[idx] - q[:, None, :]).norm(dim=2).double()  # (n_chunk, kk)
-                exact = torch.where(exact == 0, float("inf"), exact)  # the sample itself gives no direction
-                rows = first + members[idx]
-                # Merged with the best of earlier chunks (inf, -1 at first); a stable sort keeps ties in order.
-                both = torch.cat([distance[start:start + len(q), t], exact], dim=1)
-                both_rows = torch.cat([index[start:start + len(q), t], rows], dim=1)
-                both, order = torch.sort(both, dim=1, stable=True)
-                both_rows = torch.gather(both_rows, 1, order)
-                found = torch.isfinite(both[:, :k])
-                index[start:start + len(q), t] = torch.where(found, both_rows[:, :k], -1)
-                distance[start:start + len(q), t] = both[:, :k]
+    flat_r = reference_x.reshape(len(reference_x), -1)
+    for t in range(num_classes):
+        members = (reference_y == t).nonzero().flatten()
+        if not len(members):
+            continue
+        r = flat_r[members]
+        r_sq = (r * r).sum(dim=1)  # (M_t,)
+        kk = min(k + 1, len(members))  # one spare in case the sample itself is a member
+        for start in range(0, n, _DISTANCE_CHUNK):
+            q = flat_x[start:start + _DISTANCE_CHUNK]
+            # Ranking by the float32 expansion is fast; the kept distances are then recomputed exactly.
+            d2 = (q * q).sum(dim=1, keepdim=True) - 2.0 * q @ r.T + r_sq[None, :]  # (n_chunk, M_t)
+            _, idx = torch.topk(d2, kk, dim=1, largest=False, sorted=True)
+            rows = members[idx]  # (n_chunk, kk)
+            exact = (flat_r[rows] - q[:, None, :]).norm(dim=2).double()  # (n_chunk, kk)
+            exact = torch.where(exact == 0, float("inf"), exact)  # the sample itself gives no direction
+            exact, order = torch.sort(exact, dim=1, stable=True)
+            rows = torch.gather(rows, 1, order)[:, :k]
+            exact = exact[:, :k]
+            found = torch.isfinite(exact)
+            index[start:start + len(q), t, : exact.shape[1]] = torch.where(found, rows, -1)
+            distance[start:start + len(q), t, : exact.shape[1]] = exact
     return index, distance
+
+
+def _nearest_on_disk(x: torch.Tensor, store: ImageStore, reference_y: torch.Tensor, num_classes: int,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nearest_by_class` over references read a chunk at a time, each chunk's candidates merged with the best so
+    far. The expansion |q|^2 - 2 q.r + |r|^2 is taken in float64, accurate enough to need no exact recomputation
+    (which would read every candidate again); a distance within rounding of 0 is the sample itself."""
+    n = len(x)
+    best = torch.full((n, num_classes, k), float("inf"), dtype=torch.float64)
+    index = torch.full((n, num_classes, k), -1, dtype=torch.int64)
+    flat_x = x.reshape(n, -1).double()
+    q_sq = (flat_x * flat_x).sum(dim=1, keepdim=True)
+    for first, block in store.chunks():
+        r = torch.from_numpy(block).reshape(len(block), -1).double()
+        r_sq = (r * r).sum(dim=1)
+        d2 = (q_sq - 2.0 * flat_x @ r.T + r_sq[None, :]).clamp_min(0)  # (N, R)
+        d2 = torch.where(d2 <= 1e-12 * (q_sq + r_sq[None, :]), float("inf"), d2)  # the sample itself
+        block_y = reference_y[first:first + len(block)]
+        for t in block_y.unique().tolist():
+            members = (block_y == t).nonzero().flatten()
+            both = torch.cat([best[:, t], d2[:, members].sqrt()], dim=1)
+            both_rows = torch.cat([index[:, t], (first + members).expand(n, -1)], dim=1)
+            both, order = torch.sort(both, dim=1, stable=True)
+            best[:, t], index[:, t] = both[:, :k], torch.gather(both_rows, 1, order)[:, :k]
+    return torch.where(torch.isfinite(best), index, -1), best
 
 
 def reference_rows(reference_x: torch.Tensor | ImageStore, rows: torch.Tensor) -> torch.Tensor:
@@ -317,4 +336,4 @@ def pair_seeds(x: torch.Tensor, pairs: Pairs, seed: int) -> np.ndarray:
 def segment_points(x: torch.Tensor, r: torch.Tensor, alpha: torch.Tensor, bounds) -> torch.Tensor:
     """x + alpha (r - x) per row, clipped to the bounds exactly as the oracle would."""
     a = alpha.to(torch.float32).view(-1, *([1] * (x.ndim - 1)))
-    return torch.clamp(x + a * (r - x), bounds[0], bounds[1])
+    return (r - x).mul_(a).add_(x).clamp_(bounds[0], bounds[1])  # in place: large images make few copies

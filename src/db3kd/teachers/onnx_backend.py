@@ -26,14 +26,16 @@ class OnnxBackend:
         num_classes: K, needed only if the model's output dim is symbolic.
         bounds: pixel range, overriding the file's metadata.
         threads: ONNX Runtime intra-op threads (default: its own choice, all physical cores).
-        preferred_batch: chunk size the oracle uses for this backend.
+        preferred_batch: chunk size the oracle uses for this backend (default 256, fewer for large images).
     """
 
     def __init__(self, path: str | os.PathLike, input_shape=None, num_classes: int | None = None, bounds=None,
-                 threads: int | None = None, preferred_batch: int = 256):
+                 threads: int | None = None, preferred_batch: int | None = None):
         self.model = open_onnx(path, input_shape, num_classes, bounds, threads)
         self.input_shape, self.num_classes, self.bounds = self.model.input_shape, self.model.num_classes, self.model.bounds
-        self.preferred_batch = int(preferred_batch)
+        # 256 images per call, fewer when large (ONNX Runtime's buffers grow with the batch): at most ~32 MB.
+        image_bytes = 4 * int(np.prod(self.input_shape))
+        self.preferred_batch = int(preferred_batch or max(8, min(256, (32 << 20) // image_bytes)))
         self.name = f"onnx:{path}"
         self.identity = "sha256:" + file_digest(Path(path))  # the file's content: a retrained teacher is another one
 
