@@ -90,9 +90,18 @@ def _run(job: ShardedJob, oracle: LabelOracle, out: Path, run_info: dict, execut
     bar = tqdm(total=sum(sizes), initial=sum(sizes) - sum(sizes[s] for s in todo), unit=job.unit, desc=job.name,
                disable=not progress, mininterval=1 if sys.stderr.isatty() else 30)  # sparse lines in logs
 
+    price = getattr(oracle, "price_per_query", None)  # USD, when the teacher has a price
+    spent = {"queries": 0, "units": 0}  # this invocation's, for the estimate of the whole run
+
     def written(done: ShardDone) -> None:
         bar.update(sizes[done.shard])
-        bar.set_postfix(queries_per_s=f"{done.queries / max(done.seconds, 1e-9):,.0f}", **job.progress(done))
+        spent["queries"] += done.queries
+        spent["units"] += sizes[done.shard]
+        money = {}
+        if price:  # so far, and the whole job at this invocation's rate per unit
+            total = spent["queries"] / spent["units"] * sum(sizes)
+            money = {"spent_usd": f"{spent['queries'] * price:,.2f}", "estimate_usd": f"{total * price:,.2f}"}
+        bar.set_postfix(queries_per_s=f"{done.queries / max(done.seconds, 1e-9):,.0f}", **money, **job.progress(done))
 
     try:
         summary = run_shards(executor, job, todo, oracle, store, written)
@@ -105,5 +114,8 @@ def _run(job: ShardedJob, oracle: LabelOracle, out: Path, run_info: dict, execut
                 "total_queries": job.prepaid_queries + int(shard_queries.sum()),
                 **query_accounting(out, shard_queries.tolist()), "executor": summary, "seconds": seconds,
                 "version": __version__}
+    if price:
+        manifest.update(price_per_1000_usd=price * 1000, cost_usd=manifest["total_queries"] * price,
+                        sent_usd=manifest["queries_sent"] * price)
     write_json(out / MANIFEST, manifest)
     return manifest
