@@ -365,3 +365,18 @@ def test_editing_mixtures_keeps_the_pseudo_samples_and_editing_synthesis_redoes_
     statuses = run(raw, tmp_path, run_dir)
     assert "mixtures" not in statuses and statuses["students/standard-kd-lenet5-fifth-seed0"] == "skipped"
     assert read(run_dir / "students/bd-lenet5-fifth-seed0/metrics.json")["train_samples"] == 30
+
+
+def test_a_combined_report_has_a_column_per_dataset_and_the_papers_figures(zs_run, mix_run, tmp_path, monkeypatch,
+                                                                            capsys):
+    import db3kd.report as report
+    from db3kd.cli import main
+
+    monkeypatch.setitem(report.AS_REPORTED, ("digits", "zero-shot"), 90.0)
+    assert main(["report", str(zs_run[0]), str(mix_run[0]), "--out", str(tmp_path / "all.md")]) == 0
+    text = (tmp_path / "all.md").read_text()
+    assert text.strip() in capsys.readouterr().out
+    assert "| method | student | digits |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| zero-shot bd | lenet5-fifth |"))
+    assert "queries" in row and "90.00% as reported" in row
+    assert next(line for line in text.splitlines() if line.startswith("| zero-shot ce |"))

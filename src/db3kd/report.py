@@ -21,6 +21,10 @@ from .pipeline import MIXTURES, RESOLVED_RECIPE, SYNTHESIZE, Stage, plan_stages,
 from .transfer import TransferCost
 
 WHITE_BOX_NOTE = "white-box (reads logits; upper reference)"
+# The DB3KD paper's figures (Wang 2021, tables 1-3), test accuracy in %, "as reported": their teachers, full
+# training sets and query budgets differ from ours (see README, "The paper's benchmarks").
+AS_REPORTED = {("mnist", "mbd"): 99.52, ("mnist", "standard-kd"): 99.33, ("mnist", "zero-shot"): 96.54,
+               ("cifar10", "mbd"): 78.30, ("cifar10", "standard-kd"): 77.81}
 
 
 def write_report(run_dir: str | Path) -> str:
@@ -57,6 +61,38 @@ def write_report(run_dir: str | Path) -> str:
         lines += [f"![accuracy against teacher queries]({plot.name})", ""]
     text = "\n".join(lines)
     write_text(run_dir / "report.md", text)
+    return text
+
+
+def write_combined_report(run_dirs: list[str | Path], out: str | Path | None = None) -> str:
+    """One table over several run directories, a column per dataset: each (method, student) row gives mean test
+    accuracy ± std and the teacher queries behind it, with the paper's figure beside ours where it has one
+    (marked "as reported"). Written to `out` if given; returned as Markdown."""
+    from .recipe import load_recipe
+
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    datasets: list[str] = []
+    for run_dir in map(Path, run_dirs):
+        if not (run_dir / RESOLVED_RECIPE).is_file():
+            raise DataError(f"{run_dir} is not a run directory: no {RESOLVED_RECIPE} (made by `db3kd run`)")
+        recipe = load_recipe(run_dir / RESOLVED_RECIPE, check_files=False)
+        dataset = Path(recipe.dataset.name).name
+        datasets += [] if dataset in datasets else [dataset]
+        for row in summarise(collect(run_dir, plan_stages(recipe))[0]):
+            method = ("zero-shot " if row["zero_shot"] else "") + row["label"]
+            paper = AS_REPORTED.get((dataset, "zero-shot" if row["zero_shot"] else row["label"].split(" @")[0]))
+            ours = f"{_pm(row['accuracy'], 4)} ({_num(row['queries'], 0)} queries)" if row["accuracy"] else "—"
+            cells.setdefault((method, row["arch"]), {})[dataset] = ours + (f"; {paper:.2f}% as reported" if paper else "")
+    header = ["method", "student", *datasets]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([method, arch, *(row.get(d, "—") for d in datasets)]) + " |"
+              for (method, arch), row in cells.items()]
+    text = "\n".join(["# DB3KD across datasets", "", *lines, "",
+                      "Test accuracy, mean ± std over seeds, and the teacher queries behind each student's training data. "
+                      "\"As reported\": the DB3KD paper's figure for that setting (its teachers, transfer sets and "
+                      "budgets differ from ours).", ""])
+    if out is not None:
+        write_text(out, text)
     return text
 
 
