@@ -152,7 +152,7 @@ class PythonBackend:
         if not names:
             return labels
         if self._index is None:
-            raise TeacherError(f"the Python teacher {self.name} returned class names (e.g. {labels.flat[0]!r}) but "
+            raise TeacherError(f"the Python teacher {self.name} returned class names (e.g. {str(labels.flat[0])!r}) but "
                                "declares no classes: set its classes attribute to the class names in index order")
         unknown = sorted({str(v) for v in labels.flat if str(v) not in self._index})
         if unknown:
