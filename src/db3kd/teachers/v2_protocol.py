@@ -140,7 +140,7 @@ def read_model_metadata(meta, options: V2Options, where: str) -> V2Model:
     if not isinstance(meta, dict):
         raise TeacherError(f"{where}: expected model metadata as a JSON object, got {str(meta)[:200]}")
     inputs, outputs = _tensor_list(meta, "inputs", where), _tensor_list(meta, "outputs", where)
-    image = _pick(inputs, options.input, "input", where)
+    image = _pick(inputs, options.input, "input", where) if inputs else None
     if image is None:
         if options.input is None or options.input_shape is None:
             raise TeacherError(f"{where}: the model's metadata declares no inputs; give the input's name and "
