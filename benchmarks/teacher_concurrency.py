@@ -16,7 +16,7 @@ this process and that the oracle's count equals the service's `images_served`. T
 concurrency 8 at least 6x the images/s of concurrency 1.
 Results go to benchmarks/results/teacher_concurrency.json and stdout.
 
-    python benchmarks/teacher_concurrency.py [--latency 0.05] [--max-batch 64] [--images 2048] [--rounds 5]
+    python benchmarks/teacher_concurrency.py [--latency 0.05] [--max-batch 64] [--images 4096] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.05, help="seconds added to each request (default 0.05)")
     parser.add_argument("--max-batch", type=int, default=64, help="most images per request (default 64)")
-    parser.add_argument("--images", type=int, default=2048, help="images labelled per round (default 2048)")
+    parser.add_argument("--images", type=int, default=4096, help="images labelled per round (default 4096)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--serve", choices=TEACHERS, help=argparse.SUPPRESS)  # the service's own process
     args = parser.parse_args()
