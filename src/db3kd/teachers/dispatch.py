@@ -135,11 +135,9 @@ class Dispatcher:
         k = len(answered)
         if not k:
             return error
+        original = error
         if not isinstance(error, DB3KDError):
-            message = f"teacher {self.name} failed with {type(error).__name__}: {error}."
-            error, cls = TeacherError(message), TeacherError
-        else:
-            cls = type(error)
+            error = TeacherError(f"teacher {self.name} failed with {type(error).__name__}: {error}.")
         if k == n:
             note, at = f"All {n} images of this call were answered and are counted (their labels are discarded).", None
         elif np.array_equal(answered, np.arange(k)):
@@ -149,11 +147,12 @@ class Dispatcher:
                     "counted (their labels are discarded with the call's).")
             at = tuple(int(i) for i in answered)
         try:
-            partial = cls(f"{str(error).rstrip('.')}. {note}")
+            partial = type(error)(f"{str(error).rstrip('.')}. {note}")
         except TypeError:  # an error class with other constructor arguments: keep it, annotated
             partial = error
         partial.answered, partial.answered_at = k, at
-        partial.__cause__ = error if partial is not error else error.__cause__
+        if partial is not original:
+            partial.__cause__ = original
         return partial
 
     def _executor(self) -> ThreadPoolExecutor:
