@@ -18,15 +18,24 @@ import os
 import torch
 
 from .base import LabelBackend
-from .http_backend import HttpBackend
 from .onnx_backend import OnnxBackend
 from .python_backend import PythonBackend
 from .spec import TeacherSpec
 from .torch_backend import TorchBackend
-from .v2_backend import V2Backend
 
 __all__ = ["HttpBackend", "LabelBackend", "OnnxBackend", "PythonBackend", "TeacherSpec", "TorchBackend", "V2Backend",
            "load_teacher"]
+
+# The HTTP backends on first use: httpx costs a fifth of a second to import, and most runs have a file teacher.
+_LAZY = {"HttpBackend": ".http_backend", "V2Backend": ".v2_backend"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_teacher(spec, api_key: str | None = None, **options) -> LabelBackend:
