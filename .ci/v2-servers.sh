@@ -6,7 +6,7 @@
 #   bash .ci/v2-servers.sh [ROOT]      (default ROOT: $DB3KD_V2_ROOT, else ~/.cache/db3kd/v2-venvs)
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)/v2"
-ROOT="${1:-${DB3KD_V2_ROOT:-$HOME/.cache/db3kd/v2-venvs}}"
+ROOT="${1:-${DB3KD_V2_ROOT:-${HOME:-/root}/.cache/db3kd/v2-venvs}}"
 PY="${PYTHON:-python3}"  # mlserver 1.7.1 needs Python < 3.13, kserve 0.21.0 < 3.14
 
 make_venv() {  # DIR LOCKFILE PACKAGE
