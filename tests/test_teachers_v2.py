@@ -182,19 +182,26 @@ class FakeServer:
     """A V2 server of one model `m` (input image FP32 [-1, 1, 2, 2], output logits FP32 [-1, 3]): answers JSON or
     binary requests; `script` maps a request number (from 0) to a status, or to "hang" (no answer until released)."""
 
-    def __init__(self, extensions=(), script=None):
+    def __init__(self, extensions=(), script=None, metadata_failures=0):
         self.extensions, self.script = list(extensions), dict(script or {})
+        self.metadata_failures, self.metadata_requests = metadata_failures, 0
         self.requests: list[dict] = []  # per infer request: images, binary, authorization
         self.labelled = 0
         self.release = asyncio.Event()
         app = FastAPI()
         app.get("/v2")(lambda: {"name": "fake", "version": "0", "extensions": self.extensions})
-        app.get("/v2/models/m")(lambda: {"name": "m", "versions": None, "platform": "", "inputs": [
-            {"name": "image", "datatype": "FP32", "shape": [-1, 1, 2, 2]}], "outputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]})
+        app.get("/v2/models/m")(self.metadata)
         app.post("/v2/models/m/infer")(self.infer)
         self.thread = ServerThread(app).start()
         self.url = f"v2+{self.thread.url}/models/m"
+
+    def metadata(self):
+        self.metadata_requests += 1
+        if self.metadata_requests <= self.metadata_failures:
+            return JSONResponse({"error": "model loading"}, status_code=500)
+        return {"name": "m", "versions": None, "platform": "", "inputs": [
+            {"name": "image", "datatype": "FP32", "shape": [-1, 1, 2, 2]}], "outputs": [
+            {"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]}
 
     async def infer(self, request: Request):
         body = await request.body()
@@ -291,6 +298,14 @@ def test_a_request_sent_but_never_answered_is_counted_and_not_resent(fake):
     assert error.value.answered == 4  # of the oracle's second chunk (4 images): the first was answered as usual
     assert oracle.queries == fake.labelled == 8 and len(fake.requests) == 2
     np.testing.assert_array_equal(oracle.queries_for(np.arange(10)), [1] * 8 + [0] * 2)
+
+
+@pytest.mark.parametrize("fake", [{"metadata_failures": 2}], indirect=True)
+def test_reading_metadata_is_retried_on_any_5xx(fake):
+    """A GET labels nothing: unlike an infer request, it is retried after a 500."""
+    with V2Backend(fake.url, retries=2, backoff=0.0) as backend:
+        assert backend.num_classes == 3
+    assert fake.metadata_requests == 3
 
 
 def test_an_unreachable_server_is_retried_then_a_connection_error():

@@ -38,7 +38,7 @@ class HttpSender:
     seconds of such waits.
 
     `idempotent` says whether the service recognises a resent request (db3kd's, by its `X-Request-ID`): then
-    connection errors, timeouts and 5xx answers are retried `retries` times. A service that does not (a V2
+    connection errors, timeouts and 5xx answers are retried `retries` times (as for any GET). A service that does not (a V2
     inference server) is sent a request again only when it certainly did not label it: no connection was
     made, or it answered 429 or 503. After a failure once the request was sent (a timeout, a dropped
     connection) the error's `answered` is the request's images (`send(..., images=n)`): they may have been
@@ -89,6 +89,7 @@ class HttpSender:
         `images`: how many images the request carries, counted (the error's `answered`) if it fails after
         being sent to a service that cannot recognise a resent request."""
         failures, rate_limited, waited = 0, 0, 0.0
+        idempotent = self.idempotent or method == "GET"  # reading metadata is always safe to repeat
         while True:
             if self.pacer is not None:
                 self.pacer.wait()
@@ -96,7 +97,7 @@ class HttpSender:
                 response = self.client.request(method, path, **request)
             except TRANSIENT_ERRORS as e:
                 last_error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                if not self.idempotent and not isinstance(e, NOT_SENT_ERRORS):
+                if not idempotent and not isinstance(e, NOT_SENT_ERRORS):
                     raise self._lost(method, path, last_error, images) from e
             else:
                 status = response.status_code
@@ -116,7 +117,7 @@ class HttpSender:
                     continue
                 if status == 200 or status in accept:
                     return response
-                if status < 500 or not (self.idempotent or status == 503):
+                if status < 500 or not (idempotent or status == 503):
                     self.refuse(response, path)
                 last_error = f"HTTP {status}: {detail(response)}"
             failures += 1
