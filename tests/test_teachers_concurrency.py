@@ -83,6 +83,8 @@ def test_pieces_keep_every_slot_busy_within_the_request_limit():
     dispatcher = Dispatcher("t", 4)
     assert [dispatcher.piece_size(n, 64) for n in (1, 7, 100, 256, 1000)] == [1, 2, 25, 64, 64]
     assert Dispatcher("t", 1).piece_size(1000, 64) == 64
+    # Under a request quota every request counts: filled up to the limit instead.
+    assert [dispatcher.piece_size(n, 64, fill=True) for n in (1, 7, 100, 256)] == [1, 7, 64, 64]
 
 
 def test_a_non_db3kd_failure_alongside_answers_becomes_a_teacher_error_that_counts_them():
@@ -220,8 +222,9 @@ def test_max_rps_spaces_the_requests(teacher):
         with HttpBackend(running.url, concurrency=3, max_rps=50) as backend:
             assert backend.max_rps == 50
             started = time.monotonic()
-            LabelOracle(backend).labels(mnist_images(60))  # 6 requests
+            LabelOracle(backend).labels(mnist_images(60))  # 6 requests, each filled to max_batch
             assert time.monotonic() - started >= 5 / 50 - 1e-3
+        assert running.service.requests_labelled == 6
     finally:
         running.stop()
 

@@ -85,9 +85,10 @@ class Dispatcher:
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
-    def piece_size(self, n: int, limit: int) -> int:
-        """Images per piece for a batch of `n`: at most `limit`, and few enough to keep every slot busy."""
-        return max(1, min(limit, math.ceil(n / self.concurrency)))
+    def piece_size(self, n: int, limit: int, fill: bool = False) -> int:
+        """Images per piece for a batch of `n`: at most `limit`, and small enough to keep every slot busy; or,
+        with `fill` (under a request quota, where every request counts), as many as `limit` allows."""
+        return max(1, min(limit, n if fill else math.ceil(n / self.concurrency)))
 
     def run(self, images: np.ndarray, size: int, label_piece: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """Labels of `images`, concatenated from `label_piece` over pieces of at most `size` (see the class)."""

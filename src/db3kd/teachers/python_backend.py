@@ -67,7 +67,8 @@ class PythonBackend:
     """Labels from a Python callable or object that declares its contract (see the module's docstring).
 
     With `concurrency` N a batch is split into N pieces and the callable called from N threads at once (it
-    must then be thread-safe); `max_rps` spaces the calls to at most that many per second.
+    must then be thread-safe); `max_rps` spaces the calls to at most that many per second (and then calls
+    are filled up to `preferred_batch` images before more are made).
 
     If the callable raises, the error is a `TeacherError` and the call's images are not counted (whether the
     vendor billed them is the callable's to say: raise a db3kd `TeacherError` with `answered` set). Once it
@@ -121,7 +122,8 @@ class PythonBackend:
 
     def predict_labels(self, x: torch.Tensor) -> np.ndarray:
         images = x.detach().cpu().numpy()
-        return self.dispatcher.run(images, self.dispatcher.piece_size(len(images), self.batch_limit), self._call)
+        size = self.dispatcher.piece_size(len(images), self.batch_limit, fill=self.max_rps is not None)
+        return self.dispatcher.run(images, size, self._call)
 
     def _call(self, images: np.ndarray) -> np.ndarray:
         if self._pacer is not None:

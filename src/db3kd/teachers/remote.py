@@ -27,7 +27,8 @@ class RemoteBackend:
     refused the request as too large (HTTP 413; call `_too_large` first).
 
     A batch is sent in requests of at most `batch_limit` images, up to `concurrency` at once (a `Dispatcher`),
-    so `preferred_batch`, the chunk the oracle hands over, is `concurrency` requests' worth. A request refused
+    so `preferred_batch`, the chunk the oracle hands over, is `concurrency` requests' worth. A small batch is
+    spread over every slot, unless a rate limit (`max_rps`) makes each request count: then requests are filled. A request refused
     as too large is split in two and the smaller size kept for later calls. If a request fails for good, the
     error's `answered` (and `answered_at`) say which images the others had answered, and the oracle counts them.
     """
@@ -55,7 +56,8 @@ class RemoteBackend:
 
     def predict_labels(self, x: torch.Tensor) -> np.ndarray:
         images = x.detach().cpu().numpy()
-        return self.dispatcher.run(images, self.dispatcher.piece_size(len(images), self.batch_limit), self._label_piece)
+        size = self.dispatcher.piece_size(len(images), self.batch_limit, fill=self.max_rps is not None)
+        return self.dispatcher.run(images, size, self._label_piece)
 
     def _label_piece(self, images: np.ndarray) -> np.ndarray:
         """Labels of one piece, in requests of at most `batch_limit` images (smaller after a 413)."""
