@@ -9,6 +9,9 @@ class DB3KDError(Exception):
     # Set by a backend whose batch needed several requests and failed after the teacher had answered (and so
     # been paid for) its first `answered` images; `LabelOracle.labels` counts them before re-raising.
     answered: int = 0
+    # Set with `answered` when those images are not the first ones of the batch (requests sent in parallel):
+    # their positions in the batch the backend was given, so the oracle counts the right samples.
+    answered_at: tuple[int, ...] | None = None
 
 
 class DataError(DB3KDError):

@@ -6,6 +6,7 @@ sample. A budget, when set, is checked before anything is sent. Callers get labe
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Protocol
 
 import numpy as np
@@ -43,12 +44,15 @@ class LabelOracle:
         budget: maximum number of images ever sent; None for no limit.
         chunk_size: largest batch sent at once; default the backend's preferred batch.
         ledger: a budget shared with other oracles, checked after `budget` (see `QueryLedger`).
+        price_per_1000: what the teacher charges per 1000 images, in USD (None: not known); see `cost_usd`.
     """
 
     def __init__(self, backend: LabelBackend, budget: int | None = None, chunk_size: int | None = None,
-                 ledger: QueryLedger | None = None):
+                 ledger: QueryLedger | None = None, price_per_1000: float | None = None):
         if budget is not None and (int(budget) != budget or budget < 0):
             raise InputError(f"budget must be a non-negative integer or None, got {budget!r}")
+        if price_per_1000 is not None and not 0 <= price_per_1000 < float("inf"):
+            raise InputError(f"price_per_1000 must be a non-negative number of USD or None, got {price_per_1000!r}")
         chunk_size = backend.preferred_batch if chunk_size is None else chunk_size
         if int(chunk_size) != chunk_size or chunk_size < 1:
             raise InputError(f"chunk_size must be a positive integer, got {chunk_size!r}")
@@ -57,6 +61,7 @@ class LabelOracle:
         self.budget = None if budget is None else int(budget)
         self.chunk_size = int(chunk_size)
         self.ledger = ledger
+        self.price_per_1000 = None if price_per_1000 is None else float(price_per_1000)
         self.queries = 0
         self._per_sample = np.zeros(0, dtype=np.int64)
 
@@ -88,6 +93,16 @@ class LabelOracle:
             raise TeacherError(
                 f"teacher {self.name} takes images {tuple(self.input_shape)} and answers {self.num_classes} classes, "
                 f"but {what} has images {tuple(input_shape)} in {num_classes} classes: use a teacher of that data")
+
+    @property
+    def price_per_query(self) -> float | None:
+        """USD per image sent (None when the price is not known)."""
+        return None if self.price_per_1000 is None else self.price_per_1000 / 1000
+
+    @property
+    def cost_usd(self) -> float | None:
+        """USD spent so far on this oracle's queries (None when the price is not known)."""
+        return None if self.price_per_1000 is None else self.queries * self.price_per_1000 / 1000
 
     @property
     def remaining(self) -> int | None:
@@ -130,8 +145,8 @@ class LabelOracle:
                 try:
                     answer = self._backend.predict_labels(chunk)
                 except DB3KDError as error:
-                    # A backend that split the chunk may have had its first images answered before failing.
-                    sent += self._count(start, min(error.answered, len(chunk)), id_array)
+                    # A backend that split the chunk may have had some of its images answered before failing.
+                    sent += self._count_answered(start, error, len(chunk), id_array)
                     raise
                 # Counted as soon as the teacher has answered (even with garbage), so no failure hides spent queries.
                 sent += self._count(start, len(chunk), id_array)
@@ -212,6 +227,18 @@ class LabelOracle:
             self._count_ids(id_array[start:start + k])
         return k
 
+    def _count_answered(self, start: int, error: DB3KDError, size: int, id_array: np.ndarray | None) -> int:
+        """Count the images of a failed chunk (of `size`, at `start`) that the error says were answered: its
+        first `answered`, or those at `answered_at` when requests in flight together left others unanswered."""
+        if error.answered_at is None:
+            return self._count(start, min(error.answered, size), id_array)
+        at = np.unique(np.asarray(error.answered_at, dtype=np.int64))
+        at = at[(at >= 0) & (at < size)]
+        self.queries += len(at)
+        if id_array is not None:
+            self._count_ids(id_array[start + at])
+        return len(at)
+
     def _count_ids(self, ids: np.ndarray) -> None:
         if not len(ids):
             return
@@ -249,10 +276,33 @@ def _clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def open_oracle(spec, budget: int | None = None, chunk_size: int | None = None, ledger: QueryLedger | None = None,
-                api_key: str | None = None, **options) -> LabelOracle:
-    """A `LabelOracle` over the teacher `spec` (a path, URL, `TeacherSpec`, module or backend: see
-    `db3kd.teachers.load_teacher`); `ledger`: a budget shared with other oracles."""
-    from .teachers import load_teacher
+                api_key: str | None = None, price_per_1000: float | None = None, budget_usd: float | None = None,
+                **options) -> LabelOracle:
+    """A `LabelOracle` over the teacher `spec` (a path, URL, `TeacherSpec`, callable, module or backend: see
+    `db3kd.teachers.load_teacher`); `ledger`: a budget shared with other oracles.
 
+    `price_per_1000` and `budget_usd` default to the spec's (`--price-per-1000`, `--budget-usd`); a money budget
+    becomes a query budget, `floor(budget_usd / price_per_1000 * 1000)`, and the smaller of it and `budget` holds.
+    """
+    from .teachers import TeacherSpec, load_teacher
+
+    if isinstance(spec, TeacherSpec):
+        price_per_1000 = spec.price_per_1000 if price_per_1000 is None else price_per_1000
+        budget_usd = spec.budget_usd if budget_usd is None else budget_usd
+    if budget_usd is not None:
+        bought = queries_for_usd(budget_usd, price_per_1000)
+        budget = bought if budget is None else min(budget, bought)
     return LabelOracle(load_teacher(spec, api_key=api_key, **options), budget=budget, chunk_size=chunk_size,
-                       ledger=ledger)
+                       ledger=ledger, price_per_1000=price_per_1000)
+
+
+def queries_for_usd(usd: float, price_per_1000: float | None) -> int:
+    """How many queries `usd` buys at `price_per_1000` USD per 1000 images: floor(usd / price * 1000), computed on
+    the decimals as written (0.3 USD at 0.1 per 1000 buys 3000, not 2999)."""
+    if price_per_1000 is None:
+        raise InputError(f"a budget of {usd!r} USD needs the teacher's price: pass price_per_1000 (--price-per-1000 "
+                         "on the command line), in USD per 1000 images")
+    if not 0 <= usd < float("inf") or not 0 < price_per_1000 < float("inf"):
+        raise InputError(f"expected a non-negative USD budget and a positive price per 1000 images, got {usd!r} USD "
+                         f"at {price_per_1000!r}")
+    return int(Fraction(repr(float(usd))) * 1000 // Fraction(repr(float(price_per_1000))))

@@ -19,16 +19,47 @@ def command(subparsers, name: str, run, help: str, description: str | None = Non
 
 def add_teacher_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--teacher", required=required, metavar="SPEC",
-                        help="the teacher: a model.pt, a model.onnx or an http(s):// label service URL")
+                        help="the teacher: a model.pt, a model.onnx, an http(s):// label service URL, a "
+                             "v2+http(s)://host:port/models/NAME inference server model, or python:module:function")
     parser.add_argument("--api-key", default=os.environ.get("DB3KD_API_KEY"),
-                        help="bearer token for a label service (default: $DB3KD_API_KEY)")
+                        help="bearer token for a label service or inference server (default: $DB3KD_API_KEY)")
+    group = parser.add_argument_group("asking a remote or Python teacher")
+    group.add_argument("--concurrency", type=int, metavar="N",
+                       help="requests in flight at once to a service, inference server or Python teacher (default 1)")
+    group.add_argument("--max-rps", type=float, metavar="R",
+                       help="at most R requests per second to it, over all those in flight (default: no limit)")
+    group.add_argument("--price-per-1000", type=float, metavar="USD",
+                       help="what the teacher charges per 1000 images, to report money spent")
+    group.add_argument("--budget-usd", type=float, metavar="USD",
+                       help="stop (resumably) before the teacher's charges would pass USD (needs --price-per-1000)")
+
+
+# TeacherSpec's fields, as the command line names them.
+TEACHER_FLAGS = {"concurrency": "--concurrency", "max_rps": "--max-rps", "price_per_1000": "--price-per-1000",
+                 "budget_usd": "--budget-usd"}
 
 
 def teacher_spec(args):
-    """The parsed `--teacher` (with `--api-key`), or None when not given."""
+    """The parsed `--teacher` (with `--api-key` and the options of `add_teacher_args`), or None when not given;
+    errors name the option."""
+    from ..errors import ConfigError
     from ..teachers import TeacherSpec
 
-    return None if args.teacher is None else TeacherSpec.parse(args.teacher, args.api_key)
+    options = {key: getattr(args, key, None) for key in TEACHER_FLAGS}
+    if args.teacher is None:
+        given = [TEACHER_FLAGS[key] for key, value in options.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} applies to a teacher: give --teacher too")
+        return None
+    try:
+        return TeacherSpec.parse(args.teacher, args.api_key).with_options(**options)
+    except ConfigError as e:
+        message = str(e)
+        if not message.startswith(tuple(f"{key}:" for key in TEACHER_FLAGS)):
+            raise
+        for key, flag in TEACHER_FLAGS.items():
+            message = message.replace(key, flag)
+        raise ConfigError(message) from None
 
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True, images: bool = False) -> None:
