@@ -197,7 +197,10 @@ def test_binary_tensor_extension(server, reference):
     """KServe reads and writes binary tensors (asked for with binary=true); MLServer does not (HTTP 500): a
     precise error, with nothing counted, and not retried."""
     before = server.images("lenet5-logits")
-    with V2Backend(server.url("lenet5-logits", "?binary=true"), concurrency=2, max_batch=100) as backend:
+    # One request at a time on MLServer: after its 500 it drops the connection, and a second request in flight on
+    # it would be counted as possibly labelled (sent, never answered), which is right but not what this checks.
+    concurrency = 2 if server.kind == "kserve" else 1
+    with V2Backend(server.url("lenet5-logits", "?binary=true"), concurrency=concurrency, max_batch=100) as backend:
         oracle = LabelOracle(backend)
         if server.kind == "kserve":
             ask(oracle, reference)
