@@ -188,7 +188,11 @@ class _Context:
     @property
     def source(self) -> str:
         """Where the transfer images come from, as students record it."""
-        return "synthesized" if self.recipe.transfer.zero_shot else f"{self.recipe.transfer.split} split"
+        if self.recipe.transfer.zero_shot:
+            return "synthesized"
+        if self.recipe.dataset.own:  # "labelled folder", "folder" or "arrays"
+            return self.data(self.recipe.transfer.split)[2]["images"]["kind"]
+        return f"{self.recipe.transfer.split} split"
 
     def with_mixtures(self, transfer: TransferSet, stage: Stage) -> TransferSet:
         """`transfer` plus the mixtures stage's images (rebuilt from the pseudo samples), if `stage` reads them."""
@@ -269,8 +273,10 @@ def _run_stages(recipe: Recipe, run_dir: Path, api_key: str | None, progress: bo
         records.append(record)
         if on_stage is not None:
             on_stage(i, len(stages), record)
+    opened = context.__dict__.get("oracle")  # the teacher, if this run needed it: what it sent, all stages
     write_json(run_dir / "run.json", {"recipe": recipe.name, "executor": dataclasses.asdict(recipe.executor),
-                                      "stages": [dataclasses.asdict(r) for r in records]})
+                                      "stages": [dataclasses.asdict(r) for r in records],
+                                      "teacher_queries_this_run": opened.queries if opened is not None else 0})
     return records
 
 
