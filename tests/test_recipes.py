@@ -33,7 +33,7 @@ def tiny_recipe(teacher: Path) -> dict:
                     "subset": 40, "checkpoint_students": True},
         },
         "students": {"arch": ["lenet5-fifth"], "seeds": [0], "train": {"epochs": 1, "batch_size": 64, "lr": 0.003}},
-        "baselines": ["ce", "standard-kd"],
+        "baselines": ["teacher", "student-alone", "ce", "standard-kd"],
     }
 
 
@@ -87,7 +87,8 @@ def test_recipe_runs_end_to_end_and_reports(base_run):
         "soft_labels/sd", "soft_labels/bd", "soft_labels/mbd",
         "students/sd-lenet5-fifth-seed0", "students/bd-lenet5-fifth-seed0", "students/mbd-lenet5-fifth-seed0",
         "students/mbd-q20-lenet5-fifth-seed0",  # the checkpoint below the budget; q40 is mbd itself
-        "students/ce-lenet5-fifth-seed0", "students/standard-kd-lenet5-fifth-seed0"}
+        "students/ce-lenet5-fifth-seed0", "students/standard-kd-lenet5-fifth-seed0",
+        "students/teacher", "students/student-alone-lenet5-fifth-seed0"}
     resolved = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text())
     assert resolved["students"]["loss"]["temperature"] == 20.0 and resolved["run_dir"] == str(run_dir)
     ce = json.loads((run_dir / "students/ce-lenet5-fifth-seed0/stage.json").read_text())
@@ -98,8 +99,13 @@ def test_recipe_runs_end_to_end_and_reports(base_run):
     assert (run_dir / "accuracy_vs_queries.png").stat().st_size > 0
     rows = [line for line in text.splitlines() if line.startswith("| ") and "lenet5-fifth" in line]
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == [
-        "ce", "sd", "bd", "mbd", "mbd @20", f"standard-kd — {WHITE_BOX_NOTE}"]
-    ce_row = rows[0].split(" | ")
+        "student-alone", "ce", "sd", "bd", "mbd", "mbd @20", f"standard-kd — {WHITE_BOX_NOTE}"]
+    alone = json.loads((run_dir / "students/student-alone-lenet5-fifth-seed0/metrics.json").read_text())
+    assert alone["teacher_queries"]["total"] == 0 and alone["transfer_set"] == "train split (true labels)"
+    teacher = json.loads((run_dir / "students/teacher/metrics.json").read_text())
+    assert 0.5 < teacher["test_accuracy"] <= 1 and teacher["teacher_queries"]["evaluation"] == 359
+    assert next(line for line in text.splitlines() if line.startswith("| teacher | teacher |"))
+    ce_row = rows[1].split(" | ")
     assert ce_row[2] == "train split, 120 images" and ce_row[6] == "120"
     assert ce_row[7] == "1.0"  # one label query per transfer sample
     assert "Missing" not in text
@@ -147,7 +153,8 @@ def test_editing_epochs_retrains_students_only(tmp_path, copied_run):
     raw = tiny_recipe_from(copied_run)
     raw["students"]["train"]["epochs"] = 2
     statuses = run(raw, tmp_path, copied_run)
-    assert {name for name, s in statuses.items() if s == "done"} == {n for n in statuses if n.startswith("students/")}
+    students = {n for n in statuses if n.startswith("students/") and n != "students/teacher"}
+    assert {name for name, s in statuses.items() if s == "done"} == students  # the teacher's row trains nothing
     assert all(statuses[f"soft_labels/{m}"] == "skipped" for m in ("sd", "bd", "mbd"))
     metrics = json.loads((copied_run / "students/bd-lenet5-fifth-seed0/metrics.json").read_text())
     assert metrics["epochs"] == 2
@@ -218,7 +225,7 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("transfer.split", "val", r"^transfer\.split: expected 'train' or 'test', got 'val'$"),
     ("transfer.mixtures", {"count": 5},
      r"^transfer\.mixtures: expected mixtures only together with synthesize \(they are mixtures of its pseudo samples\)"),
-    ("baselines", ["ce", "kd"], r"^baselines: expected names from ce, standard-kd, got 'kd'$"),
+    ("baselines", ["ce", "kd"], r"^baselines: expected names from teacher, student-alone, ce, standard-kd, got 'kd'$"),
     ("teacher", "http://localhost:1", r"^baselines: expected no standard-kd with a teacher behind a URL"),
     ("students.train.batch_size", 0, r"^students\.train\.batch_size: must be a positive integer, got 0$"),
     ("students.loss", {"reduction": "mean"}, r"^students\.loss\.reduction: must be 'sum' or 'batchmean', got 'mean'$"),

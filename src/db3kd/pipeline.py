@@ -116,7 +116,9 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
                               "seed": seed, "train": train, "loss": loss}
                     stages.append(Stage(f"students/{tag}-{arch}-seed{seed}", "distill", config,
                                         [f"soft_labels/{name}", *mixtures]))  # the soft labels first
-    for baseline in recipe.baselines:
+    if "teacher" in recipe.baselines:  # one row, whatever the students
+        stages.append(Stage("students/teacher", "teacher", {**data, "kind": "teacher"}))
+    for baseline in (b for b in recipe.baselines if b != "teacher"):
         for arch in students.arch:
             for seed in students.seeds:
                 config = {**data, "kind": baseline, "arch": arch, "seed": seed, "train": train,
@@ -254,7 +256,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, api_key: str | None, progress: bo
     context = _Context(recipe, run_dir, api_key, progress)
     stages = plan_stages(recipe, context.teacher.identity())
     runners = {"synthesize": _synthesize_stage, "mixtures": _mixtures_stage, "soft_labels": _soft_label_stage,
-               "distill": _distill_stage, "ce": _ce_stage, "standard-kd": _standard_kd_stage}
+               "distill": _distill_stage, "ce": _ce_stage, "standard-kd": _standard_kd_stage,
+               "student-alone": _student_alone_stage, "teacher": _teacher_stage}
     if any(stage.kind in SHARDED and _status(run_dir / stage.name, stage) != "done" for stage in stages):
         context.executor  # noqa: B018 - made now, so a missing Ray or a bad address fails before any query
     records = []
@@ -395,6 +398,31 @@ def _ce_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     transfer = TransferSet(ctx.transfer_x, labels, None, cost, ctx.source)
     extra = {"stage": stage.name, "method": "ce", "teacher": ctx.recipe.teacher}
     return _train_student(ctx, stage, out, ctx.with_mixtures(transfer, stage), extra, spent=cost.labels)
+
+
+def _student_alone_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    """The paper's "student alone": cross-entropy on the transfer images' true labels, no teacher involved."""
+    y = ctx.data(ctx.recipe.transfer.split)[1]
+    if y is None:
+        raise ConfigError("baselines: student-alone trains on true labels, and these images have none (an unlabelled "
+                          "folder): drop it from the recipe")
+    transfer = TransferSet(ctx.transfer_x, y[:len(ctx.transfer_x)], None, TransferCost(), f"{ctx.source} (true labels)")
+    return _train_student(ctx, stage, out, transfer, {"stage": stage.name, "method": "student-alone"})
+
+
+def _teacher_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    """The teacher's own test accuracy: its labels of the test images, one query each (evaluation)."""
+    from .jobs.students import teacher_labels
+
+    x, y = ctx.test
+    labels, queries = teacher_labels(ctx.oracle, x)
+    accuracy = None if y is None else float((labels == y).mean())
+    write_json(out / "metrics.json", {"arch": "teacher", "stage": stage.name, "method": "teacher",
+                                      "teacher": ctx.recipe.teacher, "test_accuracy": accuracy, "fidelity": 1.0,
+                                      "teacher_queries": TransferCost(evaluation=queries).to_dict(),
+                                      "transfer_set": "—", "transfer_samples": 0, "mixture_samples": 0,
+                                      "queries_per_pair": None, "white_box": False})
+    return {"teacher_queries": {"transfer": 0, "eval": queries}, "test_accuracy": accuracy}
 
 
 def _standard_kd_stage(ctx: _Context, stage: Stage, out: Path) -> dict:

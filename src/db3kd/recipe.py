@@ -14,7 +14,9 @@ checked: an unknown key or a bad value raises `ConfigError` naming its place, e.
   shard_size; plus `subset` and, for mbd, `checkpoint_students`: also train students on the distances
   reached at each checkpoint below its queries_per_pair, for the accuracy-vs-queries curve).
 - `students`: arch list, seeds, `train` (a `TrainConfig` without seed), `loss` (a `KDLoss`).
-- `baselines`: `ce` (cross-entropy on the teacher's top-1 labels, queries counted) and `standard-kd` (the
+- `baselines`: `teacher` (the teacher's own test accuracy, its queries counted as evaluation), `student-alone`
+  (cross-entropy on the dataset's true labels: no teacher at all), `ce` (cross-entropy on the teacher's top-1
+  labels, queries counted) and `standard-kd` (the
   teacher's logits, WHITE-BOX: needs a model file; the upper reference, not a label-only method).
 - `executor`: where the shards of synthesize, mixtures and soft-label stages run, `local` or `ray` (with
   address, workers, max_retries); `db3kd run`'s options override it. It is in no stage's hash: results are
@@ -46,7 +48,7 @@ from .training import TrainConfig
 __all__ = ["BASELINES", "DatasetSpec", "Recipe", "SoftLabelStageSpec", "StudentsSpec",
            "TransferSpec", "load_recipe", "parse_recipe"]
 
-BASELINES = ("ce", "standard-kd")
+BASELINES = ("teacher", "student-alone", "ce", "standard-kd")
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.]*$")  # a directory name; no '-', which separates name parts
 
 
@@ -194,6 +196,8 @@ class Recipe:
             size, name = self.transfer_size()
             _expect(spec.subset is None or size is None or spec.subset <= size,
                     f"soft_labels.{stage}.subset", f"at most {name} = {size}", spec.subset)
+        _expect("student-alone" not in self.baselines or not self.transfer.zero_shot, "baselines",
+                "no student-alone with zero-shot transfer (it trains on the real images' true labels)", self.baselines)
         if "standard-kd" in self.baselines:
             _expect(TeacherSpec.parse(self.teacher).is_file, "baselines",
                     "no standard-kd with a teacher behind a URL (it reads logits: needs a model file)", self.baselines)

@@ -131,7 +131,8 @@ def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[
             except (OSError, json.JSONDecodeError) as e:
                 missing.append((stage.name, f"metrics.json unreadable ({e})"))
                 continue
-            results.append({"label": stage.label, "kind": stage.kind, "arch": stage.config["arch"], **metrics})
+            results.append({"label": stage.label, "kind": stage.kind, "arch": stage.config.get("arch", "teacher"),
+                            **metrics})
     return results, missing
 
 
@@ -140,12 +141,12 @@ def summarise(results: list[dict]) -> list[dict]:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[r["label"], r["arch"]].append(r)
-    order = {"ce": 0, "distill": 1, "standard-kd": 2}  # the white-box reference last
+    order = {"teacher": 0, "student-alone": 1, "ce": 2, "distill": 3, "standard-kd": 4}  # white-box last
     rows = []
     for (label, arch), runs in sorted(groups.items(), key=lambda g: order[g[1][0]["kind"]]):
         first = runs[0]
         samples, mixtures = first["transfer_samples"], first["mixture_samples"]
-        queries = TransferCost.from_dict(first["teacher_queries"]).total
+        queries = None if first["kind"] == "teacher" else TransferCost.from_dict(first["teacher_queries"]).total
         rows.append({
             "label": label, "kind": first["kind"], "arch": arch, "seeds": len(runs),
             "transfer": _transfer_cell(first["transfer_set"], samples, mixtures),
@@ -153,7 +154,7 @@ def summarise(results: list[dict]) -> list[dict]:
             "queries": queries,
             "accuracy": _stats([r["test_accuracy"] for r in runs]),
             "fidelity": _stats([r.get("fidelity") for r in runs]),
-            "queries_per_sample": None if first["white_box"] else queries / (samples + mixtures),
+            "queries_per_sample": None if first["white_box"] or not samples else queries / (samples + mixtures),
             "queries_per_pair": first["queries_per_pair"],
             "soft_label_seconds": first.get("soft_label_seconds"),
             "train_seconds": _stats([r.get("seconds") for r in runs]),
@@ -162,6 +163,8 @@ def summarise(results: list[dict]) -> list[dict]:
 
 
 def _transfer_cell(kind: str, samples: int, mixtures: int = 0) -> str:
+    if not samples:
+        return kind
     if kind != "synthesized":
         return f"{kind}, {samples:,} images"
     return f"synthesized, {samples:,} pseudo samples" + (f" + {mixtures:,} mixtures" if mixtures else "")
