@@ -109,7 +109,7 @@ def main() -> None:
                 images, labels, manifest = load_mixtures(run / "synthesize")
                 train = transfer.with_mixtures(images, labels, manifest["total_queries"])
             students[key] = train_student(out, STUDENT, dataset_info("mnist"), train, test,
-                                          TrainConfig(epochs=epochs, batch_size=args.batch_size, seed=args.seed),
+                                          TrainConfig(profile="paper", epochs=epochs, batch_size=args.batch_size, seed=args.seed),
                                           kd=KDLoss(), oracle=open_oracle(TEACHER))
         train_wall[key] = round(time.perf_counter() - started, 1)
 
@@ -127,7 +127,7 @@ def main() -> None:
                                             "seconds")},
         "mixtures": {k: mixed[k] for k in ("params", "total_queries", "label_counts", "seconds")},
         "soft_labels_bd": {k: soft[k] for k in ("num_samples", "total_queries", "queries_per_pair", "median_distance", "seconds")},
-        "students": {key: {k: m.get(k) for k in ("train_samples", "epochs", "test_accuracy", "best_test_accuracy", "fidelity",
+        "students": {key: {k: m.get(k) for k in ("train_samples", "epochs", "test_accuracy", "fidelity",
                                                   "seconds")} for key, m in students.items()},
         "teacher_queries_total": queries,
         "teacher_queries_pseudo_samples_only": synth["total_queries"] + soft["total_queries"],

@@ -13,7 +13,7 @@ from db3kd.cli import main
 from db3kd.errors import CheckpointError, ConfigError
 from db3kd.models import build_model
 from db3kd import open_oracle
-from db3kd.training import TrainConfig, accuracy, train_classifier
+from db3kd.training import TrainConfig, accuracy, augment_batch, train_classifier
 
 
 def separable_data(n=256, seed=0):
@@ -25,13 +25,121 @@ def separable_data(n=256, seed=0):
     return x, y.astype(np.int64)
 
 
+def evaluate_on(x, y):
+    return lambda model: {"test_accuracy": accuracy(model, x, y)}
+
+
 def test_train_classifier_learns_and_records_history():
     x, y = separable_data()
     torch.manual_seed(0)
     model = build_model("lenet5-half", (1, 28, 28), 2)
-    result = train_classifier(model, x, y, TrainConfig(epochs=4, batch_size=32), eval_set=(x, y), progress=False)
+    result = train_classifier(model, x, y, TrainConfig(epochs=4, batch_size=32, augment="none"), evaluate=evaluate_on(x, y),
+                              progress=False)
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+    assert result.plan.holdout == 0  # 256 images: too few to hold any out, the final epoch is kept
+    assert result.chosen_epoch == 4 and result.history[-1]["test_accuracy"] == result.final_accuracy
     assert result.final_accuracy == accuracy(model, x, y) and result.final_accuracy > 0.95
+
+
+@pytest.mark.parametrize("samples,channels,expected", [
+    (60_000, 1, {"holdout": 5000, "train": 55_000, "batch_size": 128, "epochs": 12, "augment": "shift"}),
+    (6_000, 1, {"holdout": 600, "train": 5400, "batch_size": 64, "epochs": 59, "augment": "shift"}),
+    (2_000, 1, {"holdout": 200, "train": 1800, "batch_size": 32, "epochs": 88, "augment": "shift"}),
+    (50_000, 3, {"holdout": 5000, "train": 45_000, "batch_size": 128, "epochs": 15, "augment": "crop-flip"}),
+    (300, 1, {"holdout": 0, "train": 300, "batch_size": 32, "epochs": 300, "augment": "shift"}),
+], ids=["mnist", "6k", "2k", "cifar", "tiny"])
+def test_auto_profile_derives_sizes_from_the_set(samples, channels, expected):
+    plan = TrainConfig().plan(samples, channels)
+    assert {k: getattr(plan, k) for k in expected} == expected
+    steps = plan.epochs * -(-plan.train // plan.batch_size)
+    assert steps >= 4690 or plan.epochs == 300  # at least the optimizer steps of 10 epochs of MNIST at batch 128
+
+
+def test_paper_profile_and_explicit_settings():
+    assert TrainConfig(profile="paper").plan(60_000, 1) == \
+        type(TrainConfig().plan(1, 1))(epochs=10, batch_size=512, augment="none", holdout=0, train=60_000)
+    plan = TrainConfig(epochs=3, batch_size=100, augment="none", holdout=0.2).plan(6000, 3)
+    assert (plan.epochs, plan.batch_size, plan.augment, plan.holdout, plan.train) == (3, 100, "none", 1200, 4800)
+    with pytest.raises(ConfigError, match="holdout: 0.1 of 100 images leaves no usable held-out set"):
+        TrainConfig(holdout=0.1).plan(100, 1)
+
+
+def test_augmentation_shifts_crops_and_flips_each_image():
+    x = torch.rand(64, 3, 32, 32)
+    for kind, pad in (("shift", 2), ("crop-flip", 4)):  # 32 // 14 and 32 // 8
+        out = augment_batch(x, kind, torch.Generator().manual_seed(0))
+        assert out.shape == x.shape
+        padded = torch.nn.functional.pad(x, (pad,) * 4)
+        offsets, flips = set(), 0
+        for image, original in zip(out, padded):  # each output is a window of its padded input, maybe mirrored
+            windows = {(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for flip in (0, 1)
+                       if torch.equal(image.flip(2) if flip else image, original[:, dy:dy + 32, dx:dx + 32])}
+            assert windows
+            offsets |= {w[:2] for w in windows}
+            flips += min(w[2] for w in windows)
+        assert len(offsets) > 10  # offsets differ between images
+        assert (flips > 10) == (kind == "crop-flip")  # only crop-flip mirrors, about half the images
+    assert torch.equal(augment_batch(x, "none", torch.Generator()), x)
+    small = torch.rand(4, 1, 8, 8)  # too small to shift: 8 // 14 pixels
+    assert torch.equal(augment_batch(small, "shift", torch.Generator()), small)
+    same = [augment_batch(x, "crop-flip", torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(*same)
+
+
+def test_holdout_chooses_the_epoch_and_its_weights_are_kept(monkeypatch):
+    import db3kd.training as training
+
+    scripted = iter([0.6, 0.9, 0.7, 0.9, 0.8, 0.5])  # the hold-out's agreement per epoch: epoch 4 is best (tie: later)
+    monkeypatch.setattr(training, "accuracy", lambda model, x, y: next(scripted))
+    x, y = separable_data(n=1000)
+    torch.manual_seed(0)
+    model = build_model("lenet5-fifth", (1, 28, 28), 2)
+    weights = lambda m: {"weight_sum": float(sum(p.detach().double().sum() for p in m.parameters()))}  # noqa: E731
+    result = train_classifier(model, x, y, TrainConfig(epochs=6, batch_size=32, holdout=0.2), evaluate=weights,
+                              progress=False)
+    assert result.plan.holdout == 200 and [h["holdout_agreement"] for h in result.history] == [0.6, 0.9, 0.7, 0.9, 0.8, 0.5]
+    assert result.chosen_epoch == 4
+    assert result.evaluation["weight_sum"] == result.history[3]["weight_sum"] != result.history[-1]["weight_sum"]
+
+
+def test_training_resumes_from_its_last_finished_epoch(tmp_path):
+    x, y = separable_data(n=600)
+    config = TrainConfig(epochs=5, batch_size=32, holdout=0.1)
+
+    def model():
+        torch.manual_seed(0)
+        return build_model("lenet5-fifth", (1, 28, 28), 2)
+
+    whole = model()
+    expected = train_classifier(whole, x, y, config, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def killed_in_epoch_4(m):
+        if len(seen) == 3:
+            raise Killed
+        seen.append(1)
+        return {}
+
+    seen, state = [], tmp_path / "train_state.pt"
+    with pytest.raises(Killed):
+        train_classifier(model(), x, y, config, evaluate=killed_in_epoch_4, progress=False, checkpoint=state)
+    assert state.is_file()
+    resumed = model()
+    result = train_classifier(resumed, x, y, config, progress=False, checkpoint=state)
+    assert result.resumed_from_epoch == 3 and [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+    assert result.chosen_epoch == expected.chosen_epoch
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), resumed.parameters()))
+    assert not state.exists()  # removed once training ends
+
+    # A state of another training (other settings) is not resumed from.
+    with pytest.raises(Killed):
+        seen.clear()
+        train_classifier(model(), x, y, config, evaluate=killed_in_epoch_4, progress=False, checkpoint=state)
+    other = train_classifier(model(), x, y, TrainConfig(epochs=5, batch_size=16, holdout=0.1), progress=False,
+                             checkpoint=state)
+    assert other.resumed_from_epoch == 0
 
 
 def test_training_is_reproducible_with_a_seed():
@@ -49,8 +157,11 @@ def test_training_is_reproducible_with_a_seed():
     ("epochs", 0, "epochs must be a positive integer"),
     ("batch_size", 2.5, "batch_size must be a positive integer"),
     ("lr", -1.0, r"lr must be a number in \(0, inf\), got -1.0"),
+    ("profile", "fast", "profile must be 'auto' or 'paper', got 'fast'"),
+    ("augment", "flip", "augment must be 'auto', 'none', 'shift' or 'crop-flip', got 'flip'"),
+    ("holdout", 0.9, r"holdout must be a number in \[0, 0.5\), got 0.9"),
     ("weight_decay", -0.1, r"weight_decay must be a number in \[0, inf\), got -0.1"),
-], ids=["zero-epochs", "float-batch", "negative-lr", "negative-decay"])
+], ids=["zero-epochs", "float-batch", "negative-lr", "bad-profile", "bad-augment", "big-holdout", "negative-decay"])
 def test_train_config_rejects_bad_values(field, value, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**{field: value})
@@ -167,3 +278,30 @@ def test_standard_kd_refuses_a_label_service(tmp_path, capsys):
     assert main(["train-student", "--dataset", "digits", "--labels", "whitebox-logits", "--teacher",
                  "http://127.0.0.1:9", "--out", str(tmp_path)]) == 2
     assert "a label service does not give" in capsys.readouterr().err
+
+
+def test_a_student_interrupted_in_training_resumes_from_its_last_epoch(tmp_path, monkeypatch, capsys):
+    import db3kd.jobs.students as students
+
+    evaluated, real = [], students.accuracy
+
+    def interrupted_at_epoch_3(model, x, y):
+        evaluated.append(1)
+        if len(evaluated) == 3:
+            raise KeyboardInterrupt  # Ctrl-C (SIGTERM is turned into the same kind of exit) during epoch 3's test
+        return real(model, x, y)
+
+    monkeypatch.setattr(students, "accuracy", interrupted_at_epoch_3)
+    out = tmp_path / "student"
+    argv = ["train-student", "--dataset", "digits", "--arch", "lenet5-fifth", "--epochs", "5", "--out", str(out)]
+    assert main(argv) == 130
+    assert (out / "train_state.pt").is_file() and not (out / "metrics.json").exists()
+    monkeypatch.setattr(students, "accuracy", real)
+    assert main(argv) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["resumed_from_epoch"] == 2 and [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4, 5]
+    assert "resuming training after epoch 2/5" in capsys.readouterr().out
+    assert main([*argv[:-1], str(tmp_path / "whole")]) == 0  # the same training never interrupted
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert resumed["test_accuracy"] == whole["test_accuracy"] and resumed["chosen_epoch"] == whole["chosen_epoch"]
+    assert not (out / "train_state.pt").exists()

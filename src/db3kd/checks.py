@@ -26,3 +26,11 @@ def number(value, name: str, low: float = 0.0, high: float = math.inf, closed: s
         interval = f"{'[' if closed == 'low' else '('}{low}, {high}{']' if closed == 'high' else ')'}"
         raise ConfigError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
+
+
+def choice(value, name: str, options: tuple[str, ...]) -> str:
+    """`value` if it is one of `options`, else "NAME must be 'a', 'b' or 'c', got ..."."""
+    if value not in options:
+        listed = ", ".join(repr(o) for o in options[:-1]) + f" or {options[-1]!r}"
+        raise ConfigError(f"{name} must be {listed}, got {value!r}")
+    return value

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .checks import choice
 from .errors import ConfigError
 
 
@@ -38,8 +39,7 @@ class KDLoss:
             raise ConfigError(f"temperature must be > 0, got {self.temperature!r}")
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
             raise ConfigError(f"expected non-negative weights, not both 0, got ce_weight={self.ce_weight}, kd_weight={self.kd_weight}")
-        if self.reduction not in ("sum", "batchmean"):
-            raise ConfigError(f"reduction must be 'sum' or 'batchmean', got {self.reduction!r}")
+        choice(self.reduction, "reduction", ("sum", "batchmean"))
 
     def __call__(self, student_logits: torch.Tensor, labels: torch.Tensor, soft_logits: torch.Tensor) -> torch.Tensor:
         t = self.temperature

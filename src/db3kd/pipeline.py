@@ -260,6 +260,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, api_key: str | None, progress: bo
                "student-alone": _student_alone_stage, "teacher": _teacher_stage}
     if any(stage.kind in SHARDED and _status(run_dir / stage.name, stage) != "done" for stage in stages):
         context.executor  # noqa: B018 - made now, so a missing Ray or a bad address fails before any query
+    if recipe.dataset.own and any(_status(run_dir / s.name, s) != "done" for s in stages):
+        context.test  # noqa: B018 - read (and checked against the teacher's classes) before any query
     records = []
     for i, stage in enumerate(stages, 1):
         out = run_dir / stage.name

@@ -150,7 +150,7 @@ class StudentsSpec:
 
     arch: list[str]
     seeds: list[int] = field(default_factory=lambda: [0])
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512))  # the DB3KD reference code's batch
+    train: TrainConfig = field(default_factory=TrainConfig)  # the auto profile; `profile: paper` for the paper's
     loss: KDLoss = field(default_factory=KDLoss)  # validated by KDLoss itself
 
     def __post_init__(self):
@@ -276,6 +276,9 @@ def parse_recipe(raw, base_dir: str | os.PathLike = ".", check_files: bool = Tru
         if d.test is None:
             raise ConfigError("dataset.test: expected the path of your test images (a folder or arrays: labelled for "
                               "accuracy, else fidelity only) beside a path dataset")
+        if check_files and not (base / d.test).exists():
+            raise ConfigError(f"dataset.test: your test images not found: {(base / d.test).resolve()} (relative "
+                              "paths are relative to the recipe file)")
         d.name, d.test = str((base / d.name).resolve()), str((base / d.test).resolve())
     return recipe
 

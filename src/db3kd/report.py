@@ -48,6 +48,9 @@ def write_report(run_dir: str | Path) -> str:
              "the same over the samples it trained on (mixtures included); "
              "evaluation queries (fidelity) are not counted. `@Q`: a student trained on MBD's distances after Q "
              "queries per pair.", ""]
+    if any(r.get("test_labelled") is False for r in results):
+        lines += [f"The test images ({recipe.dataset.test}) have no labels: no test accuracy can be given (—), only "
+                  "fidelity, the students' agreement with the teacher's labels of them.", ""]
     if missing:
         lines += ["## Missing", "", *[f"- `{name}`: {why}" for name, why in missing], ""]
     aside = superseded(run_dir)
@@ -210,17 +213,19 @@ def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
     from matplotlib import rcParams
     from matplotlib.figure import Figure
 
+    metric = "accuracy" if any(r["accuracy"] for r in rows if r["kind"] != "teacher") else "fidelity"  # unlabelled tests
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     plotted = []
     for colour, arch in zip(rcParams["axes.prop_cycle"].by_key()["color"], dict.fromkeys(r["arch"] for r in rows)):
-        points = sorted((r for r in rows if r["arch"] == arch and r["kind"] in ("distill", "ce") and r["queries"]),
+        points = sorted((r for r in rows if r["arch"] == arch and r["kind"] in ("distill", "ce") and r["queries"]
+                         and r[metric]),
                         key=lambda r: r["queries"])
         for r in points:
-            ax.errorbar(r["queries"], r["accuracy"][0], yerr=r["accuracy"][1], fmt="s" if r["kind"] == "ce" else "o",
+            ax.errorbar(r["queries"], r[metric][0], yerr=r[metric][1], fmt="s" if r["kind"] == "ce" else "o",
                         color=colour, capsize=3, mfc="none" if r["zero_shot"] else colour)
             name = "CE on top-1 labels" if r["kind"] == "ce" else r["label"]
-            ax.annotate(name + (" (zero-shot)" if r["zero_shot"] else ""), (r["queries"], r["accuracy"][0]),
+            ax.annotate(name + (" (zero-shot)" if r["zero_shot"] else ""), (r["queries"], r[metric][0]),
                         textcoords="offset points", xytext=(4, 4), fontsize=8)
         plotted += points
         if points:
@@ -229,17 +234,18 @@ def plot_accuracy_vs_queries(rows: list[dict], path: Path) -> Path | None:
         for stage in dict.fromkeys(r["label"].split(" @")[0] for r in distilled):  # mbd and its checkpoints: a curve
             curve = [r for r in distilled if r["label"].split(" @")[0] == stage]
             if len(curve) > 1:
-                ax.plot([r["queries"] for r in curve], [r["accuracy"][0] for r in curve], "-", color=colour, alpha=0.5)
+                ax.plot([r["queries"] for r in curve], [r[metric][0] for r in curve], "-", color=colour, alpha=0.5)
         for r in rows:
-            if r["arch"] == arch and r["kind"] == "standard-kd":
-                ax.axhline(r["accuracy"][0], linestyle=":", color=colour, linewidth=1,
+            if r["arch"] == arch and r["kind"] == "standard-kd" and r[metric]:
+                ax.axhline(r[metric][0], linestyle=":", color=colour, linewidth=1,
                            label=f"{arch}: standard KD (white-box)")
     if plotted:
         ax.set_xscale("log")
     if any(r["zero_shot"] for r in plotted):
         ax.plot([], [], "o", color="gray", mfc="none", label="hollow: zero-shot (pseudo samples)")
     ax.set(xlabel="teacher queries behind the training data (synthesis + mixtures + labels + soft labels)",
-           ylabel="student test accuracy", title="Student accuracy against teacher queries")
+           ylabel=f"student {'test accuracy' if metric == 'accuracy' else 'fidelity (unlabelled test images)'}",
+           title=f"Student {metric} against teacher queries")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

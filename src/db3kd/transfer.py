@@ -119,8 +119,13 @@ def images_of(manifest: dict, data_dir: str | os.PathLike | None = None):
     if source is None:
         return load_split(manifest["dataset"], manifest.get("split", "train"), data_dir)[0]
     t = source["transform"]
-    return load_images(source["path"], ImageTransform(tuple(t["input_shape"]), tuple(t["bounds"]), t["resize"]),
-                       skip_bad=bool(source["skipped"]), progress=False).x
+    images = load_images(source["path"], ImageTransform(tuple(t["input_shape"]), tuple(t["bounds"]), t["resize"]),
+                         skip_bad=source.get("skip_bad", bool(source["skipped"])), progress=False)
+    if images.source["images"] != source["images"] or images.source.get("cache") != source.get("cache"):
+        raise DataError(f"{source['path']} has changed since its results were made ({source['images']:,} images "
+                        f"then, {images.source['images']:,} now, or files edited): they belong to images that are no "
+                        "longer all there; restore the folder, or redo the soft labels into a new --out")
+    return images.x
 
 
 def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike | None = None,

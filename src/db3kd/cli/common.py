@@ -81,6 +81,34 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True, images
                         help="directory holding the datasets (default: $DB3KD_DATA, else ~/.cache/db3kd/data)")
 
 
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """The `TrainConfig` options; sizes left out are derived by the profile from the transfer set's size."""
+    group = parser.add_argument_group("training")
+    group.add_argument("--profile", choices=("auto", "paper"), default="auto",
+                       help="auto (default): batch size and epochs from the set's size, light augmentation, a "
+                            "held-out tenth of the transfer set choosing the epoch; paper: batch 512, 10 epochs, "
+                            "nothing else (the DB3KD reference code)")
+    group.add_argument("--epochs", type=int, help="default: from the profile")
+    group.add_argument("--batch-size", type=int, help="default: from the profile")
+    group.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate, cosine-decayed (default 1e-3)")
+    group.add_argument("--augment", choices=("auto", "none", "shift", "crop-flip"), default="auto",
+                       help="auto (default): shifts of grey images, random crops and flips of colour ones "
+                            "(none with --profile paper)")
+    group.add_argument("--holdout", type=float, metavar="FRACTION",
+                       help="part of the transfer set held out to choose the epoch (default: 0.1 with the auto "
+                            "profile, 0 with paper)")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+
+def train_config(args):
+    """The `TrainConfig` of `add_training_args`' options."""
+    from ..training import TrainConfig
+
+    return TrainConfig(profile=args.profile, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       augment=args.augment, holdout=args.holdout, seed=args.seed, device=args.device)
+
+
 def add_budget_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-total", dest="budget", type=int, metavar="TOTAL",
                         help="stop (resumably) once the teacher has seen this many images in this invocation, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_data_args, add_teacher_args, command, teacher_spec
+from .common import add_data_args, add_teacher_args, add_training_args, command, teacher_spec, train_config
 
 STUDENT_DESCRIPTION = (
     "The paper's baselines. CE only: a student trained with cross-entropy on ground-truth labels (--labels "
@@ -29,23 +29,26 @@ def register(subparsers) -> None:
 def _add_training_args(parser: argparse.ArgumentParser, default_arch: str) -> None:
     add_data_args(parser)
     parser.add_argument("--arch", default=default_arch, help=f"network from the model registry (default {default_arch})")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--subset", type=int, metavar="N", help="train on the first N training images only")
+    add_training_args(parser)
     parser.add_argument("--out", required=True, help="run directory to write")
 
 
 def _train(args, labels: str = "dataset") -> int:
+    from dataclasses import replace
+
+    from ..errors import ConfigError
     from ..data import load_dataset
-    from ..jobs.students import teacher_labels, train_student
+    from ..jobs.students import student_summary, teacher_labels, train_student
     from ..oracle import open_oracle
-    from ..training import TrainConfig
     from ..transfer import TransferCost, TransferSet
 
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device)
+    config = train_config(args)
     data = load_dataset(args.dataset, args.data_dir)
+    if args.subset is not None:
+        if not 1 <= args.subset <= len(data.x_train):
+            raise ConfigError(f"--subset: expected 1 to {len(data.x_train)} (the training split's size), got {args.subset}")
+        data = replace(data, x_train=data.x_train[:args.subset], y_train=data.y_train[:args.subset])
     extra, kd = {"labels": labels}, None
     if labels == "whitebox-logits":  # before the oracle: a label service is refused before any connection
         from ..losses import KDLoss
@@ -66,8 +69,7 @@ def _train(args, labels: str = "dataset") -> int:
         extra["teacher"] = oracle.name
     metrics = train_student(args.out, args.arch, data.info, transfer, (data.x_test, data.y_test), config, kd=kd,
                             oracle=oracle, extra_metrics=extra)
-    print(f"{args.arch} on {args.dataset}: test accuracy {metrics['test_accuracy']:.4f} after {metrics['epochs']} epochs "
-          f"({metrics['seconds']:.0f} s); wrote {args.out}/model.pt, model.onnx, metrics.json, curve.png")
+    print(f"{args.arch} on {args.dataset}: {student_summary(metrics)} ({metrics['seconds']:.0f} s); wrote {args.out}/model.pt, model.onnx, metrics.json, curve.png")
     if oracle is not None:
         cost = metrics["teacher_queries"]
         print(f"fidelity to the teacher {metrics['fidelity']:.4f}; teacher queries: {cost['labels']} for labels, "

@@ -101,7 +101,7 @@ class ImageStore:
         return self.stop - self.start
 
     def head(self, n: int) -> ImageStore:
-        return ImageStore(self.path, self.transform, self.start, self.start + n)
+        return ImageStore(self.path, self.transform, self.start, self.start + min(n, len(self)))
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, slice):
@@ -174,14 +174,15 @@ def load_images(path: str | os.PathLike, transform: ImageTransform, cache_dir: s
     cache = Path(cache_dir) if cache_dir is not None else \
         Path(os.environ.get("DB3KD_CACHE") or Path.home() / ".cache" / "db3kd") / "images"
     stamp = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    key = hashlib.sha256(json.dumps([stamp, transform.describe(), skip_bad]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps([str(path.resolve()), stamp, transform.describe(), skip_bad]).encode()).hexdigest()[:24]
     store_path, meta_path = cache / f"{key}.npy", cache / f"{key}.json"
     if not (store_path.is_file() and meta_path.is_file()):
         _decode(path, files, transform, store_path, meta_path, skip_bad, progress)
     meta = json.loads(meta_path.read_text())
     kept = np.setdiff1d(np.arange(len(files)), [files.index(path / s) for s in meta["skipped"]])
     source = {"path": str(path), "kind": "labelled folder" if classes else "folder", "images": len(kept),
-              "transform": transform.describe(), "skipped": meta["skipped"], "cache": str(store_path)}
+              "transform": transform.describe(), "skipped": meta["skipped"], "skip_bad": skip_bad,
+              "cache": str(store_path)}
     return Images(ImageStore(store_path, transform), None if labels is None else labels[kept], classes, source)
 
 
@@ -197,7 +198,7 @@ def scan_folder(root: Path) -> tuple[list[Path], np.ndarray | None, tuple[str, .
         raise DataError(f"{root} holds both images and subfolders: expected either one subfolder per class "
                         f"(labelled) or images only (unlabelled), e.g. {loose[0].name} beside {subfolders[0].name}/")
     if not subfolders:
-        files = images_in(root)
+        files = sorted(loose)
         if not files:
             raise DataError(f"{root} holds no image ({', '.join(SUFFIXES)}): expected one subfolder per class or images")
         return files, None, None
@@ -207,6 +208,10 @@ def scan_folder(root: Path) -> tuple[list[Path], np.ndarray | None, tuple[str, .
     missing = [n for n in names if not (root / n).is_dir()]
     if missing:
         raise DataError(f"{listed} names classes without a folder in {root}: {', '.join(missing[:10])}")
+    unlisted = [p.name for p in subfolders if p.name not in names]
+    if unlisted:
+        raise DataError(f"{root} has class folders that {listed} does not name: {', '.join(unlisted[:10])}; add "
+                        "them to it (in the teacher's class order) or move them out")
     per_class = [images_in(root / n) for n in names]
     empty = [n for n, f in zip(names, per_class) if not f]
     if empty:
@@ -230,7 +235,7 @@ def _decode(root: Path, files: list[Path], transform: ImageTransform, store_path
                 image.draft("L" if transform.input_shape[0] == 1 else "RGB", transform.input_shape[:0:-1])
                 return transform(image)
         except Exception as e:  # noqa: BLE001 - any decoder error: a bad file, reported with the others
-            return f"{path}: {type(e).__name__}: {e}"
+            return path, f"{type(e).__name__}: {e}"
 
     store_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = store_path.with_name(f"{store_path.name}.{os.getpid()}.tmp")
@@ -242,7 +247,7 @@ def _decode(root: Path, files: list[Path], transform: ImageTransform, store_path
             np.lib.format.write_array_header_2_0(f, header)
             for first in range(0, len(files), per_chunk):
                 for result in pool.map(one, files[first:first + per_chunk]):  # Pillow decodes without the GIL
-                    if isinstance(result, str):
+                    if isinstance(result, tuple):
                         bad.append(result)
                     else:
                         f.write(result.tobytes())
@@ -250,7 +255,7 @@ def _decode(root: Path, files: list[Path], transform: ImageTransform, store_path
                 bar.update(min(per_chunk, len(files) - first))
             if bad and not skip_bad:
                 raise DataError(f"{len(bad)} file(s) cannot be decoded as images (pass --skip-bad-images to leave "
-                                "them out): " + "; ".join(bad[:10]) + ("; ..." if len(bad) > 10 else ""))
+                                "them out): " + "; ".join(f"{p}: {e}" for p, e in bad[:10]) + ("; ..." if len(bad) > 10 else ""))
             f.seek(0)  # the header again, with the images actually kept (a version-2 header has room for it)
             np.lib.format.write_array_header_2_0(f, {**header, "shape": (kept, *transform.input_shape)})
             f.flush()
@@ -258,8 +263,8 @@ def _decode(root: Path, files: list[Path], transform: ImageTransform, store_path
         os.replace(tmp, store_path)
     finally:
         tmp.unlink(missing_ok=True)
-    write_json(meta_path, {"images": kept, "skipped": [str(Path(b.split(": ")[0]).relative_to(root)) for b in bad],
-                           "errors": bad})
+    write_json(meta_path, {"images": kept, "skipped": [str(p.relative_to(root)) for p, _ in bad],
+                           "errors": [f"{p}: {e}" for p, e in bad]})
 
 
 def _from_arrays(path: Path, transform: ImageTransform) -> Images:
@@ -274,9 +279,14 @@ def _from_arrays(path: Path, transform: ImageTransform) -> Images:
         if x is None:
             raise DataError(f"{path} holds {', '.join(arrays) or 'nothing'}: expected images under x or images")
     elif path.suffix == ".npy":
-        x, y = np.load(path, allow_pickle=False), None
+        try:
+            x, y = np.load(path, allow_pickle=False), None
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path} cannot be read as an .npy of images ({e}); expected a file written by numpy.save")
     else:
         raise DataError(f"{path}: expected a folder of images or an .npy/.npz of images, got a {path.suffix} file")
+    if len(x) == 0:
+        raise DataError(f"{path} holds no image (an array of shape {x.shape}): expected at least one")
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or (x.shape[1] not in (1, 3) and x.shape[3] not in (1, 3)):
