@@ -88,3 +88,19 @@ def test_transfer_set_errors_name_the_problem(tmp_path):
              logits=np.full((2, 10), np.nan))
     with pytest.raises(DataError, match="NaN or inf"):
         load_transfer_set(tmp_path)
+
+
+def test_distill_with_hard_labels_for_the_images_without_soft_labels(digits_teacher, tmp_path):
+    transfer, student = tmp_path / "bd", tmp_path / "student"
+    assert main(["soft-labels", "--teacher", str(digits_teacher), "--dataset", "digits", "--method", "bd",
+                 "--queries-per-pair", "5", "--subset", "60", "--out", str(transfer)]) == 0
+    assert main(["distill", "--transfer", str(transfer), "--student", "lenet5-fifth", "--dataset", "digits",
+                 "--epochs", "1", "--hard-labels-for-rest", "--no-fidelity", "--out", str(student)]) == 0
+    metrics = json.loads((student / "metrics.json").read_text())
+    manifest = json.loads((transfer / "manifest.json").read_text())
+    assert metrics["train_samples"] == 1438 and metrics["hard_labelled_samples"] == 1378
+    assert metrics["teacher_queries"]["total"] == manifest["total_queries"]  # the rest's labels cost nothing more
+    soft = load_transfer_set(transfer, hard_labels_for_rest=True)
+    reference = np.load(transfer / "reference_labels.npz")["labels"]
+    np.testing.assert_array_equal(soft.labels[60:], reference[60:])  # the images outside the subset, in order
+    assert np.isnan(soft.logits[60:]).all() and np.isfinite(soft.logits[:60]).all()

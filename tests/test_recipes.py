@@ -228,6 +228,8 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("baselines", ["ce", "kd"], r"^baselines: expected names from teacher, student-alone, ce, standard-kd, got 'kd'$"),
     ("teacher", "http://localhost:1", r"^baselines: expected no standard-kd with a teacher behind a URL"),
     ("students.train.batch_size", 0, r"^students\.train\.batch_size: must be a positive integer, got 0$"),
+    ("students.train.profile", "fast", r"^students\.train\.profile: must be 'auto' or 'paper', got 'fast'$"),
+    ("soft_labels.bd.hard_labels_for_rest", True, r"^soft_labels\.bd\.hard_labels_for_rest: expected false unless subset"),
     ("students.loss", {"reduction": "mean"}, r"^students\.loss\.reduction: must be 'sum' or 'batchmean', got 'mean'$"),
     ("executor", "ray", r"^executor: expected a mapping of ExecutorConfig settings, got .ray.$"),
     ("executor", {"kind": "dask"}, r"^executor\.kind: expected one of local, ray, got 'dask'$"),
@@ -264,12 +266,29 @@ def test_transfer_subset_larger_than_split_is_refused(digits_teacher, tmp_path):
         run(raw, tmp_path, tmp_path / "run")
 
 
-@pytest.mark.parametrize("name", ["mnist-db3kd.yaml", "digits-db3kd.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_shipped_recipes_are_valid(name):
     recipe = load_recipe(RECIPES / name, check_files=False)  # the teachers may not be made yet
     stages = plan_stages(recipe)
-    assert any(s.kind == "standard-kd" for s in stages) and any(s.config.get("checkpoint") for s in stages)
+    assert any(s.kind == "standard-kd" for s in stages)
     assert Path(recipe.teacher).is_absolute()
+
+
+def test_soft_labels_on_a_subset_and_the_teachers_hard_labels_for_the_rest(digits_teacher, tmp_path):
+    raw = tiny_recipe(digits_teacher)
+    raw.update(transfer={"split": "train", "subset": None}, baselines=[],
+               soft_labels={"bd": {"method": "bd", "params": {"queries_per_pair": 6}, "subset": 100,
+                                   "hard_labels_for_rest": True}})
+    run(raw, tmp_path, tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "soft_labels" / "bd" / "manifest.json").read_text())
+    student = json.loads((tmp_path / "run" / "students" / "bd-lenet5-fifth-seed0" / "metrics.json").read_text())
+    assert manifest["num_samples"] == 100 and manifest["reference_label_queries"] == 1438
+    # every training image of the split; the rest's labels were paid for by the reference labelling
+    assert student["train_samples"] == 1438 and student["hard_labelled_samples"] == 1338
+    assert student["teacher_queries"]["total"] == manifest["total_queries"]
+    assert "train split, 1,438 images (100 with soft labels)" in write_report(tmp_path / "run")
+    with pytest.raises(ConfigError, match="hard_labels_for_rest: expected false with zero-shot transfer"):
+        parse_recipe({**raw, "transfer": {"synthesize": {"per_class": 20}}})
 
 
 # --- the executor: where shards run, never part of a stage's hash --------------------------------------------

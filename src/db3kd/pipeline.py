@@ -113,7 +113,8 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
             for arch in students.arch:
                 for seed in students.seeds:
                     config = {**data, "kind": "distill", "soft_labels": name, "checkpoint": checkpoint, "arch": arch,
-                              "seed": seed, "train": train, "loss": loss}
+                              "seed": seed, "train": train, "loss": loss,
+                              **({"hard_labels_for_rest": True} if spec.hard_labels_for_rest else {})}
                     stages.append(Stage(f"students/{tag}-{arch}-seed{seed}", "distill", config,
                                         [f"soft_labels/{name}", *mixtures]))  # the soft labels first
     if "teacher" in recipe.baselines:  # one row, whatever the students
@@ -381,7 +382,8 @@ def _distill_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     from .transfer import load_transfer_set
 
     transfer = load_transfer_set(ctx.run_dir / stage.inputs[0], ctx.recipe.dataset.data_dir,
-                                 checkpoint=stage.config["checkpoint"])
+                                 checkpoint=stage.config["checkpoint"],
+                                 hard_labels_for_rest=stage.config.get("hard_labels_for_rest", False))
     extra = {"stage": stage.name, "method": stage.label, "estimator": transfer.manifest["method"],
              "checkpoint": stage.config["checkpoint"], "soft_labels": stage.inputs[0], "teacher": ctx.recipe.teacher,
              "soft_label_seconds": transfer.manifest["seconds"]}

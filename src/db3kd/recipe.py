@@ -130,12 +130,17 @@ class SoftLabelStageSpec(SoftLabelConfig):
 
     subset: int | None = None  # None: the whole transfer set
     checkpoint_students: bool = False  # mbd: also distil from the distances at each checkpoint < queries_per_pair
+    # Students also train on the transfer images outside `subset`, with the teacher's labels that labelling the
+    # references already paid for (no further query): soft labels where bought, hard labels elsewhere.
+    hard_labels_for_rest: bool = False
 
     def __post_init__(self):
         super().__post_init__()  # the estimator checks its own parameters (names and values)
         _expect(self.subset is None or self.subset > 0, "subset", "a positive integer or null", self.subset)
         _expect(not self.checkpoint_students or self.method == "mbd", "checkpoint_students",
                 "false unless method is mbd (only mbd records checkpoints)", self.checkpoint_students)
+        _expect(not self.hard_labels_for_rest or self.subset is not None, "hard_labels_for_rest",
+                "false unless subset is given (without one, there is no rest)", self.hard_labels_for_rest)
 
     def checkpoints(self) -> list[int]:
         """Queries per pair at which students are also trained (checkpoints below the stage's own), if asked."""
@@ -196,6 +201,9 @@ class Recipe:
             size, name = self.transfer_size()
             _expect(spec.subset is None or size is None or spec.subset <= size,
                     f"soft_labels.{stage}.subset", f"at most {name} = {size}", spec.subset)
+        for stage, spec in self.soft_labels.items():
+            _expect(not (spec.hard_labels_for_rest and self.transfer.zero_shot), f"soft_labels.{stage}.hard_labels_for_rest",
+                    "false with zero-shot transfer (the pseudo samples outside the subset are not kept)", True)
         _expect("student-alone" not in self.baselines or not self.transfer.zero_shot, "baselines",
                 "no student-alone with zero-shot transfer (it trains on the real images' true labels)", self.baselines)
         if "standard-kd" in self.baselines:

@@ -148,11 +148,11 @@ def summarise(results: list[dict]) -> list[dict]:
     rows = []
     for (label, arch), runs in sorted(groups.items(), key=lambda g: order[g[1][0]["kind"]]):
         first = runs[0]
-        samples, mixtures = first["transfer_samples"], first["mixture_samples"]
+        samples, mixtures, hard = first["transfer_samples"], first["mixture_samples"], first.get("hard_labelled_samples", 0)
         queries = None if first["kind"] == "teacher" else TransferCost.from_dict(first["teacher_queries"]).total
         rows.append({
             "label": label, "kind": first["kind"], "arch": arch, "seeds": len(runs),
-            "transfer": _transfer_cell(first["transfer_set"], samples, mixtures),
+            "transfer": _transfer_cell(first["transfer_set"], samples, mixtures, hard),
             "zero_shot": first["transfer_set"] == "synthesized",
             "queries": queries,
             "accuracy": _stats([r["test_accuracy"] for r in runs]),
@@ -165,11 +165,12 @@ def summarise(results: list[dict]) -> list[dict]:
     return rows
 
 
-def _transfer_cell(kind: str, samples: int, mixtures: int = 0) -> str:
+def _transfer_cell(kind: str, samples: int, mixtures: int = 0, hard_labelled: int = 0) -> str:
     if not samples:
         return kind
     if kind != "synthesized":
-        return f"{kind}, {samples:,} images"
+        soft = f" ({samples - hard_labelled:,} with soft labels)" if hard_labelled else ""
+        return f"{kind}, {samples:,} images{soft}"
     return f"synthesized, {samples:,} pseudo samples" + (f" + {mixtures:,} mixtures" if mixtures else "")
 
 

@@ -67,6 +67,7 @@ class TransferSet:
     cost: TransferCost
     source: str
     mixtures: int = 0
+    hard_labelled: int = 0  # rows with the teacher's label only, beside the soft-labelled ones (not mixtures)
     queries_per_pair: float | None = None
     white_box: bool = False
     manifest: dict = field(default_factory=dict, repr=False)
@@ -92,7 +93,8 @@ class TransferSet:
     def description(self) -> dict:
         """What a student's metrics.json records about its transfer set (the report's transfer column)."""
         return {"transfer_set": self.source, "transfer_samples": self.samples, "mixture_samples": self.mixtures,
-                "queries_per_pair": self.queries_per_pair, "white_box": self.white_box}
+                "hard_labelled_samples": self.hard_labelled, "queries_per_pair": self.queries_per_pair,
+                "white_box": self.white_box}
 
 
 def dataset_images(dataset: str, split: str, oracle: LabelOracle, data_dir: str | os.PathLike | None = None,
@@ -129,12 +131,14 @@ def images_of(manifest: dict, data_dir: str | os.PathLike | None = None):
 
 
 def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike | None = None,
-                      checkpoint: int | None = None) -> TransferSet:
+                      checkpoint: int | None = None, hard_labels_for_rest: bool = False) -> TransferSet:
     """The output of `db3kd soft-labels` (soft_labels.npz + manifest.json) in `directory`, as a transfer set.
 
     Images come from the npz itself when it holds them (pseudo samples), else from the dataset split the
     manifest names, at the stored indices. With `checkpoint` (mbd), the soft labels are those of the distances
-    reached after that many queries per pair, and the cost what they had cost by then.
+    reached after that many queries per pair, and the cost what they had cost by then. With
+    `hard_labels_for_rest`, the split's other images join the set with the teacher's labels that the run's
+    reference labelling already paid for (a hard label only: NaN logits, the loss's cross-entropy term).
     """
     directory = Path(directory)
     remedy = f"expected the output directory of `db3kd soft-labels --out {directory}`; rerun it to remake them"
@@ -146,10 +150,13 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
     missing += [key for key in ("reference_label_queries", "estimator_queries") if key not in manifest]
     if missing:
         raise DataError(f"{directory} lacks {', '.join(missing)}; is it the output of `db3kd soft-labels`?")
+    if hard_labels_for_rest and "images" in arrays:
+        raise DataError(f"{directory} holds pseudo samples: hard labels for the rest apply to a dataset split's images")
     if "images" in arrays:
         images, source = arrays["images"], "synthesized"
     else:
-        images = images_of(manifest, data_dir)[arrays["indices"]]
+        split_x = images_of(manifest, data_dir)
+        images = split_x[arrays["indices"]]
         source = f"{manifest.get('split', 'train')} split" if "images" not in manifest else manifest["images"]["kind"]
     labels = arrays["labels"].astype(np.int64)
     logits, spent = arrays["logits"], int(manifest["estimator_queries"])
@@ -169,4 +176,14 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
         raise DataError(f"{npz}: expected as many images, labels and logits, got {len(images)}, {len(labels)}, {len(logits)}")
     cost = TransferCost(synthesis=int(manifest.get("synthesis_queries", 0)),
                         labels=int(manifest["reference_label_queries"]), soft_labels=spent)
-    return TransferSet(images, labels, logits, cost, source, queries_per_pair=queries_per_pair, manifest=manifest)
+    transfer = TransferSet(images, labels, logits, cost, source, queries_per_pair=queries_per_pair, manifest=manifest)
+    if not hard_labels_for_rest:
+        return transfer
+    reference = load_npz(directory / "reference_labels.npz", remedy)["labels"]
+    rest = np.setdiff1d(np.arange(len(split_x)), arrays["indices"])
+    if len(reference) != len(split_x):
+        raise DataError(f"{directory}/reference_labels.npz labels {len(reference)} images, the split has {len(split_x)}")
+    return replace(transfer, images=np.concatenate([images, split_x[rest]]),
+                   labels=np.concatenate([labels, reference[rest].astype(np.int64)]),
+                   logits=np.concatenate([logits, np.full((len(rest), logits.shape[1]), np.nan, np.float32)]),
+                   hard_labelled=len(rest))

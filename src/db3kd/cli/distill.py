@@ -16,6 +16,9 @@ def register(subparsers) -> None:
     parser.add_argument("--mixtures", metavar="DIR",
                         help="also train on the teacher-labelled mixtures of `db3kd synthesize --mixtures M --out DIR` "
                              "(cross-entropy on their labels; they have no soft labels)")
+    parser.add_argument("--hard-labels-for-rest", action="store_true",
+                        help="also train on the split's images that have no soft labels (a --subset run), with the "
+                             "teacher's labels its reference labelling already paid for: no further query")
     parser.add_argument("--student", required=True, metavar="ARCH", help="student network, e.g. lenet5-half")
     add_data_args(parser, required=False, images=True)
     parser.add_argument("--test-dataset", metavar="NAME|PATH",
@@ -44,7 +47,7 @@ def run(args) -> int:
     kd = KDLoss(temperature=args.temperature, ce_weight=args.ce_weight, kd_weight=args.kd_weight,
                 t2_scaling=args.t2_scaling, reduction=args.kd_reduction)
     config = train_config(args)
-    transfer = load_transfer_set(args.transfer, args.data_dir)
+    transfer = load_transfer_set(args.transfer, args.data_dir, hard_labels_for_rest=args.hard_labels_for_rest)
     if args.teacher is None:  # fidelity is measured against the same teacher
         args.teacher = transfer.manifest.get("teacher")
     info = _dataset_info(args, transfer)
