@@ -223,8 +223,7 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("soft_labels.Bad-Name", {"method": "sd"}, r"^soft_labels\.Bad-Name: expected a stage name"),
     ("soft_labels.mbd.subset", 500, r"^soft_labels\.mbd\.subset: expected at most transfer\.subset = 120, got 500$"),
     ("transfer.split", "val", r"^transfer\.split: expected 'train' or 'test', got 'val'$"),
-    ("transfer.mixtures", {"count": 5},
-     r"^transfer\.mixtures: expected mixtures only together with synthesize \(they are mixtures of its pseudo samples\)"),
+    ("transfer.mixtures", {"count": 0}, r"^transfer\.mixtures\.count: must be a positive integer, got 0$"),
     ("baselines", ["ce", "kd"], r"^baselines: expected names from teacher, student-alone, ce, standard-kd, got 'kd'$"),
     ("teacher", "http://localhost:1", r"^baselines: expected no standard-kd with a teacher behind a URL"),
     ("students.train.batch_size", 0, r"^students\.train\.batch_size: must be a positive integer, got 0$"),
@@ -345,3 +344,24 @@ def test_cli_executor_options_override_the_recipes(tmp_path, copied_run, no_ray,
     assert manifest["executor"]["name"] == "local" and len(manifest["shard_queries"]) == 2
     assert json.loads((copied_run / "run.json").read_text())["executor"] == {
         "kind": "local", "address": None, "workers": None, "max_retries": 3}
+
+
+def test_teacher_labelled_mixtures_of_real_images(digits_teacher, tmp_path):
+    raw = tiny_recipe(digits_teacher)
+    raw["transfer"]["mixtures"] = {"count": 200, "max_shift": 1}
+    raw.update(soft_labels={"bd": {"method": "bd", "params": {"queries_per_pair": 4}}},
+               baselines=["student-alone", "ce", "standard-kd"])
+    statuses = run(raw, tmp_path, tmp_path / "run")
+    assert statuses["mixtures"] == "done"
+    mixed = json.loads((tmp_path / "run" / "mixtures" / "manifest.json").read_text())
+    assert mixed["total_queries"] == mixed["count"] == 200
+
+    def metrics(name):
+        return json.loads((tmp_path / "run" / "students" / f"{name}-lenet5-fifth-seed0" / "metrics.json").read_text())
+
+    bd, ce = metrics("bd"), metrics("ce")
+    assert bd["mixture_samples"] == ce["mixture_samples"] == 200 and bd["train_samples"] == 120 + 200
+    assert ce["teacher_queries"]["total"] == 120 + 200 and bd["teacher_queries"]["mixtures"] == 200
+    assert metrics("student-alone")["mixture_samples"] == metrics("standard-kd")["mixture_samples"] == 0
+    report = write_report(tmp_path / "run")
+    assert "train split, 120 images + 200 mixtures" in report and "plus 200 teacher-labelled mixtures" in report

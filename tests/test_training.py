@@ -47,12 +47,14 @@ def test_train_classifier_learns_and_records_history():
     (2_000, 1, {"holdout": 200, "train": 1800, "batch_size": 32, "epochs": 88, "augment": "shift"}),
     (50_000, 3, {"holdout": 5000, "train": 45_000, "batch_size": 128, "epochs": 15, "augment": "crop-flip"}),
     (300, 1, {"holdout": 0, "train": 300, "batch_size": 32, "epochs": 300, "augment": "shift"}),
-], ids=["mnist", "6k", "2k", "cifar", "tiny"])
+    (1_000_000, 1, {"holdout": 5000, "train": 995_000, "batch_size": 128, "epochs": 3, "augment": "shift"}),
+], ids=["mnist", "6k", "2k", "cifar", "tiny", "million"])
 def test_auto_profile_derives_sizes_from_the_set(samples, channels, expected):
     plan = TrainConfig().plan(samples, channels)
     assert {k: getattr(plan, k) for k in expected} == expected
     steps = plan.epochs * -(-plan.train // plan.batch_size)
     assert steps >= 4690 or plan.epochs == 300  # at least the optimizer steps of 10 epochs of MNIST at batch 128
+    assert plan.epochs >= 10 or steps >= 4 * 5000  # fewer than 10 epochs only for very large sets
 
 
 def test_paper_profile_and_explicit_settings():

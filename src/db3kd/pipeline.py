@@ -100,6 +100,10 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
         data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": recipe.transfer.split,
                 "transfer_subset": recipe.transfer.subset}
         transfer_inputs = []
+        if recipe.transfer.mixtures is not None:  # mixtures of the real transfer images
+            stages.append(Stage(MIXTURES, "mixtures",
+                                {**data, "kind": "mixtures", "params": dataclasses.asdict(recipe.transfer.mixtures)}))
+            mixtures = [MIXTURES]
     train = {k: v for k, v in dataclasses.asdict(recipe.students.train).items() if k != "seed"}  # seeds: per student
     loss = dataclasses.asdict(recipe.students.loss)
     for name, spec in recipe.soft_labels.items():
@@ -178,6 +182,11 @@ class _Context:
         return self._data[split]
 
     @cached_property
+    def mixture_pool(self) -> np.ndarray:
+        """The images mixtures are made of: the pseudo samples (zero-shot), else the real transfer images."""
+        return self.pseudo[0] if self.recipe.transfer.zero_shot else np.asarray(self.transfer_x)
+
+    @cached_property
     def pseudo(self) -> tuple[np.ndarray, np.ndarray, dict]:
         """The synthesize stage's pseudo samples, their labels (the teacher's) and its manifest."""
         from .jobs.synthesis import load_pseudo_samples
@@ -203,8 +212,8 @@ class _Context:
             return transfer
         from .jobs.mixtures import read_mixtures
 
-        images, labels, manifest = read_mixtures(self.run_dir / MIXTURES, self.pseudo[0],
-                                                 source=f"{self.run_dir / SYNTHESIZE}'s", remake="rerun")
+        images, labels, manifest = read_mixtures(self.run_dir / MIXTURES, self.mixture_pool,
+                                                 source="the transfer images", remake="rerun")
         return transfer.with_mixtures(images, labels, manifest["total_queries"])
 
     @cached_property
@@ -345,9 +354,10 @@ def _synthesize_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
 def _mixtures_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
     from .jobs.mixtures import MixtureConfig, label_mixtures
 
+    source = {"pseudo": SYNTHESIZE} if ctx.recipe.transfer.zero_shot else {"images": ctx.source}
     with ctx.teacher.thread_policy():
-        manifest = label_mixtures(ctx.oracle, ctx.pseudo[0], MixtureConfig(**stage.config["params"]), out,
-                                  {"teacher": ctx.recipe.teacher, "pseudo": SYNTHESIZE}, progress=ctx.progress,
+        manifest = label_mixtures(ctx.oracle, ctx.mixture_pool, MixtureConfig(**stage.config["params"]), out,
+                                  {"teacher": ctx.recipe.teacher, **source}, progress=ctx.progress,
                                   executor=ctx.executor)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0}, "mixtures": manifest["count"],
             "mixture_seconds": manifest["seconds"]}

@@ -7,9 +7,9 @@ checked: an unknown key or a bad value raises `ConfigError` naming its place, e.
 `students.trian: unknown key; expected one of arch, seeds, train, loss`.
 
 - `dataset`: `DatasetSpec` (name, data_dir); `teacher`: a model.pt, model.onnx or http(s):// URL.
-- `transfer`: the first `subset` images of `split`, or zero-shot `synthesize` (a `SynthesisConfig`) and
-  optionally `mixtures` (a `MixtureConfig`) of its pseudo samples, which every student but `standard-kd`
-  also trains on (hard labels only, their queries counted). Zero-shot reads no training image.
+- `transfer`: the first `subset` images of `split`, or zero-shot `synthesize` (a `SynthesisConfig`); and
+  optionally `mixtures` (a `MixtureConfig`) of those images, which every student but `standard-kd` and
+  `student-alone` also trains on (hard labels only, their queries counted). Zero-shot reads no training image.
 - `soft_labels`: name -> `SoftLabelStageSpec` (a `SoftLabelConfig`: method, estimator params, seed,
   shard_size; plus `subset` and, for mbd, `checkpoint_students`: also train students on the distances
   reached at each checkpoint below its queries_per_pair, for the accuracy-vs-queries curve).
@@ -97,8 +97,8 @@ class TransferSpec:
     """The transfer images: the first `subset` images of `split` (all of it if None), or pseudo samples.
 
     `synthesize` (zero-shot) replaces `split` and `subset`: a `db3kd.jobs.synthesis.SynthesisConfig`.
-    `mixtures` (zero-shot only): a `db3kd.jobs.mixtures.MixtureConfig`, teacher-labelled mixtures of the
-    pseudo samples.
+    `mixtures`: a `db3kd.jobs.mixtures.MixtureConfig`, teacher-labelled mixtures of the transfer images (the
+    pseudo samples, or the real images), one query each.
     """
 
     split: str | None = None  # None: 'train', unless synthesize
@@ -107,8 +107,6 @@ class TransferSpec:
     mixtures: MixtureConfig | None = None
 
     def __post_init__(self):
-        _expect(self.mixtures is None or self.synthesize is not None, "mixtures",
-                "mixtures only together with synthesize (they are mixtures of its pseudo samples)", self.mixtures)
         if self.synthesize is not None:
             _expect(self.split is None, "split", "no split with synthesize (zero-shot reads no real image)", self.split)
             _expect(self.subset is None, "subset",

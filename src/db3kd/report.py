@@ -103,7 +103,9 @@ def _transfer_sentence(recipe, run_dir: Path) -> str:
     """The report's words for the transfer set, e.g. 'train split, first 500 as transfer set'."""
     if not recipe.transfer.zero_shot:
         subset = "" if recipe.transfer.subset is None else f", first {recipe.transfer.subset}"
-        return f"{recipe.transfer.split} split{subset} as transfer set"
+        mixed = "" if recipe.transfer.mixtures is None else \
+            f", plus {recipe.transfer.mixtures.count:,} teacher-labelled mixtures of them (one query each; not for standard-kd)"
+        return f"{recipe.transfer.split} split{subset} as transfer set{mixed}"
     try:
         manifest = json.loads((run_dir / SYNTHESIZE / "manifest.json").read_text())
         made = (f"{manifest['num_samples']:,} pseudo samples synthesized with {manifest['total_queries']:,} "
@@ -168,10 +170,11 @@ def summarise(results: list[dict]) -> list[dict]:
 def _transfer_cell(kind: str, samples: int, mixtures: int = 0, hard_labelled: int = 0) -> str:
     if not samples:
         return kind
+    mixed = f" + {mixtures:,} mixtures" if mixtures else ""
     if kind != "synthesized":
         soft = f" ({samples - hard_labelled:,} with soft labels)" if hard_labelled else ""
-        return f"{kind}, {samples:,} images{soft}"
-    return f"synthesized, {samples:,} pseudo samples" + (f" + {mixtures:,} mixtures" if mixtures else "")
+        return f"{kind}, {samples:,} images{soft}{mixed}"
+    return f"synthesized, {samples:,} pseudo samples{mixed}"
 
 
 def _stats(values: list) -> tuple[float, float] | None:

@@ -34,7 +34,7 @@ from .losses import KDLoss
 PROFILES = ("auto", "paper")
 AUGMENTATIONS = ("auto", "none", "shift", "crop-flip")
 TARGET_STEPS = 5000  # auto profile: optimizer steps over the run (10 epochs of 60,000 at batch 128 are 4,690)
-MIN_EPOCHS, MAX_EPOCHS = 10, 300
+MIN_EPOCHS, MAX_EPOCHS = 10, 300  # the floor gives way for sets of over ~250,000 images (e.g. with mixtures)
 HOLDOUT_FRACTION, HOLDOUT_MAX, HOLDOUT_MIN = 0.1, 5000, 50
 MAX_TEST_EVALUATIONS = 20  # the test split is evaluated at most this often (a curve, not a choice)
 # Augmentation's reach, scaled with the image: shifts of up to 2 pixels on 28x28 (none below 14x14), crops
@@ -88,8 +88,9 @@ class TrainConfig:
         train = num_samples - holdout
         batch = self.batch_size or (512 if paper else 128 if train >= 16384 else 64 if train >= 4096 else 32)
         steps_per_epoch = math.ceil(train / batch)
-        epochs = self.epochs or (10 if paper else
-                                 min(max(math.ceil(TARGET_STEPS / steps_per_epoch), MIN_EPOCHS), MAX_EPOCHS))
+        # At least MIN_EPOCHS, unless the set is so large that fewer already make 4x the target steps.
+        floor = min(MIN_EPOCHS, math.ceil(4 * TARGET_STEPS / steps_per_epoch))
+        epochs = self.epochs or (10 if paper else min(max(math.ceil(TARGET_STEPS / steps_per_epoch), floor), MAX_EPOCHS))
         augment = self.augment
         if augment == "auto":
             augment = "none" if paper else "shift" if channels == 1 else "crop-flip"

@@ -1,4 +1,7 @@
-"""Teacher-labelled mixtures of pseudo samples: cheap extra transfer data for zero-shot distillation.
+"""Teacher-labelled mixtures of transfer images: cheap extra transfer data, one query each.
+
+Written for pseudo samples (zero-shot), and used the same way on real transfer images (a recipe's
+`transfer.mixtures` beside a `split`): between and around few labelled images, the teacher's decisions.
 
 Pseudo samples (`db3kd.synthesis`) are few and sit deep inside their class regions; a student trained on
 them alone learns little about where the teacher's boundaries run between them. A mixture blends two
