@@ -289,10 +289,24 @@ def _run_stages(recipe: Recipe, run_dir: Path, api_key: str | None, progress: bo
         if on_stage is not None:
             on_stage(i, len(stages), record)
     opened = context.__dict__.get("oracle")  # the teacher, if this run needed it: what it sent, all stages
-    write_json(run_dir / "run.json", {"recipe": recipe.name, "executor": dataclasses.asdict(recipe.executor),
-                                      "stages": [dataclasses.asdict(r) for r in records],
-                                      "teacher_queries_this_run": opened.queries if opened is not None else 0})
+    summary = {"recipe": recipe.name, "executor": dataclasses.asdict(recipe.executor),
+               "stages": [dataclasses.asdict(r) for r in records],
+               "teacher_queries_this_run": opened.queries if opened is not None else 0}
+    if recipe.budget_plan is not None:
+        summary["budget"] = budget_spent(recipe, run_dir, stages)
+    write_json(run_dir / "run.json", summary)
     return records
+
+
+def budget_spent(recipe: Recipe, run_dir: Path, stages: list[Stage]) -> dict:
+    """The budget's plan and what was spent: every stage's transfer queries (evaluation apart), in all within
+    the budget, as the oracle counted them."""
+    spent = {s.name: (read_stage(run_dir / s.name) or {}).get("teacher_queries", {}).get("transfer", 0)
+             for s in stages}
+    spent = {name: int(q) for name, q in spent.items() if q}
+    plan = recipe.budget_plan
+    return {**plan.to_dict(), "spent": spent, "spent_total": sum(spent.values()),
+            "within_budget": sum(spent.values()) <= plan.budget}
 
 
 SHARDED = ("synthesize", "mixtures", "soft_labels")  # the stage kinds whose shards the executor computes

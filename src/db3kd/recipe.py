@@ -36,6 +36,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .budget import BudgetPlan, BudgetSpec, plan_budget
 from .errors import ConfigError
 from .executors import ExecutorConfig
 from .jobs.mixtures import MixtureConfig
@@ -49,6 +50,7 @@ __all__ = ["BASELINES", "DatasetSpec", "Recipe", "SoftLabelStageSpec", "Students
            "TransferSpec", "load_recipe", "parse_recipe"]
 
 BASELINES = ("teacher", "student-alone", "ce", "standard-kd")
+BUDGET_STAGE = "budget"  # the soft-label stage a budget plans
 _STAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.]*$")  # a directory name; no '-', which separates name parts
 
 
@@ -181,10 +183,12 @@ class Recipe:
     baselines: list[str] = field(default_factory=list)
     run_dir: str | None = None  # None: runs/<name>
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)  # where shards run; in no stage's hash
+    budget: BudgetSpec | None = None  # a total query budget: the plan fills transfer.mixtures and soft_labels
 
     def __post_init__(self):
         _expect(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name)), "name",
                 "a name of letters, digits, '_', '.', '-'", self.name)
+        self.budget_plan = None if self.budget is None else self._apply_budget()
         for stage in self.soft_labels:
             _expect(bool(_STAGE_NAME.fullmatch(stage)), f"soft_labels.{stage}",
                     "a stage name of lower-case letters, digits, '_' and '.' (it names directories)", stage)
@@ -209,6 +213,40 @@ class Recipe:
                     "no standard-kd with a teacher behind a URL (it reads logits: needs a model file)", self.baselines)
         if self.run_dir is None:
             self.run_dir = f"runs/{self.name}"
+
+    def _apply_budget(self) -> BudgetPlan:
+        """Plan the budget over the real images available (`transfer.subset`, else the whole split) and write the
+        plan into the recipe: `transfer.subset`, `transfer.mixtures` and a `budget` BD stage (or the `ce`
+        baseline when no soft label fits). A recipe that already holds this plan (a resolved one) is left as is."""
+        from .data import dataset_info, split_size
+        from .jobs.mixtures import MixtureConfig
+
+        _expect(not self.transfer.zero_shot, "budget", "a budget over real images (not with synthesize)", "synthesize")
+        _expect(not self.dataset.own or self.transfer.subset is not None, "budget",
+                "transfer.subset beside it with your images: the number of images the budget may label", None)
+        available = self.transfer.subset or split_size(self.dataset.name, self.transfer.split)
+        classes = dataset_info(self.dataset.name).num_classes if not self.dataset.own else None
+        _expect(classes is not None, "budget", "a named dataset (your images' classes are known only from the "
+                "teacher)", self.dataset.name)
+        plan = plan_budget(self.budget, available, classes)
+        soft = {} if not plan.soft_labelled else {BUDGET_STAGE: SoftLabelStageSpec(
+            method="bd", params={"queries_per_pair": plan.queries_per_pair}, subset=plan.soft_labelled,
+            hard_labels_for_rest=plan.soft_labelled < plan.labelled)}
+        mixtures = MixtureConfig(count=plan.mixtures) if plan.mixtures else None
+        if self.soft_labels or self.transfer.mixtures is not None:  # a resolved recipe: the same plan, or an edit
+            _expect(self.soft_labels == soft and self.transfer.mixtures == mixtures
+                    and self.transfer.subset == plan.labelled, "budget",
+                    "no soft_labels or transfer.mixtures beside it (the budget plans them; every other purchase "
+                    "would spend beyond it)", plan.to_dict())
+        # Students on the plan's purchases: the budget's BD stage, or with no soft label the CE baseline (which
+        # labels the images itself: beside a BD stage, whose reference labelling buys them, it would pay twice).
+        _expect("ce" not in self.baselines or not soft, "baselines", "no ce beside a budget that buys soft labels "
+                "(it would label the images a second time, beyond the budget); compare with a recipe of its own",
+                self.baselines)
+        self.transfer.subset, self.transfer.mixtures, self.soft_labels = plan.labelled, mixtures, soft
+        if not soft and "ce" not in self.baselines:
+            self.baselines = ["ce", *self.baselines]
+        return plan
 
     def transfer_size(self) -> tuple[int | None, str]:
         """The number of transfer images if the recipe fixes it (None: the whole split), and what sets it."""

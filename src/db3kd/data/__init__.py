@@ -9,13 +9,14 @@ verified, when missing. 'digits' ships with scikit-learn and needs neither.
 
 from db3kd.data.load import Dataset, load_dataset, load_split
 from db3kd.data.paths import resolve_data_dir
-from db3kd.data.registry import DATASETS, DatasetInfo, dataset_info
+from db3kd.data.registry import DATASETS, DatasetInfo, dataset_info, split_size
 
 __all__ = [
     "DATASETS",
     "Dataset",
     "DatasetInfo",
     "dataset_info",
+    "split_size",
     "load_dataset",
     "load_split",
     "resolve_data_dir",

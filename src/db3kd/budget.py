@@ -1,0 +1,78 @@
+"""A total teacher-query budget for a student's training data, and the plan that spends it.
+
+Given Q queries and N real images (K classes), the plan buys, in this order (each step only while it pays,
+following benchmarks/budget_frontier.py):
+
+1. the teacher's top-1 label of every image (N queries; with Q < N, of the first Q images only);
+2. of what is left, a share in teacher-labelled mixtures of the images (one query each, at most
+   `max_mixtures_per_image` per image: they show the student the teacher's decisions between the images);
+3. the rest in BD soft labels (at most `queries_per_pair` queries for each of the K - 1 other classes) of the
+   first `soft_labelled` images; the student trains on those with the distillation loss and on every other
+   image with its hard label, already paid for (`hard_labels_for_rest`).
+
+The plan never costs more than Q: each part's cost is known or capped in advance (labels and mixtures exactly,
+BD per pair). A recipe's `budget` turns into these stages (`Recipe.plan_budget`), recorded in the resolved
+recipe and, with what each stage actually spent, in RUN_DIR/run.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .checks import integer, number
+
+
+@dataclass
+class BudgetSpec:
+    """A recipe's `budget`.
+
+    Args:
+        queries: total teacher queries behind the students' training data (evaluation queries apart).
+        queries_per_pair: BD's cap per (image, class) pair.
+        mixture_share: the share of what is left after the labels that goes to mixtures.
+        max_mixtures_per_image: most mixtures per real image.
+    """
+
+    queries: int
+    queries_per_pair: int = 20
+    mixture_share: float = 0.5
+    max_mixtures_per_image: int = 20
+
+    def __post_init__(self):
+        integer(self.queries, "queries", 1)
+        integer(self.queries_per_pair, "queries_per_pair", 1)
+        number(self.mixture_share, "mixture_share", 0, 1, closed="low")
+        integer(self.max_mixtures_per_image, "max_mixtures_per_image", 0)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How a budget is spent: `labelled` images with top-1 labels, `mixtures`, and `soft_labelled` of the
+    images with BD soft labels at `queries_per_pair`; `at_most` is the most it can cost."""
+
+    budget: int
+    labelled: int
+    mixtures: int
+    soft_labelled: int
+    queries_per_pair: int
+    classes: int
+
+    @property
+    def at_most(self) -> int:
+        return self.labelled + self.mixtures + self.soft_labelled * (self.classes - 1) * self.queries_per_pair
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "at_most": self.at_most}
+
+
+def plan_budget(spec: BudgetSpec, images: int, classes: int) -> BudgetPlan:
+    """The plan for `spec.queries` over `images` real images of `classes` classes."""
+    integer(images, "images", 1)
+    q, labelled = spec.queries, min(images, spec.queries)
+    left = q - labelled
+    pair_cost = (classes - 1) * spec.queries_per_pair
+    mixtures = min(int(left * spec.mixture_share), spec.max_mixtures_per_image * labelled)
+    soft = min(labelled, (left - mixtures) // pair_cost)
+    # What the soft labels cannot use (too few images) goes to mixtures, up to their cap.
+    mixtures = min(left - soft * pair_cost, spec.max_mixtures_per_image * labelled)
+    return BudgetPlan(q, labelled, mixtures, soft, spec.queries_per_pair, classes)

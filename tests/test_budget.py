@@ -1,0 +1,72 @@
+"""A recipe's total query budget: the plan, its stages, and a run that stays within it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from db3kd.budget import BudgetSpec, plan_budget
+from db3kd.errors import ConfigError
+from db3kd.pipeline import run_recipe
+from db3kd.recipe import load_recipe, parse_recipe
+
+from test_recipes import tiny_recipe, write_recipe
+
+
+@pytest.mark.parametrize("queries,images,expected", [
+    (500, 1438, (500, 0, 0)),  # fewer queries than images: labels for the first 500, nothing else
+    (1_000_000, 60_000, (60_000, 470_020, 2611)),  # MNIST at 1M: half of the rest in BD, the remainder in mixtures
+    (1_000_000, 2_000, (2_000, 40_000, 2_000)),  # few images: mixtures capped, every image soft-labelled,
+])
+def test_the_plan_never_costs_more_than_the_budget(queries, images, expected):
+    plan = plan_budget(BudgetSpec(queries), images, 10)
+    assert (plan.labelled, plan.mixtures, plan.soft_labelled) == expected
+    assert plan.at_most <= queries
+    if images == 2_000:  # what cannot buy anything useful is left unspent
+        assert plan.at_most == 2_000 + 40_000 + 2_000 * 9 * 20 < queries
+    else:
+        assert plan.at_most == queries
+
+
+def budget_recipe(teacher, queries: int, **extra) -> dict:
+    raw = tiny_recipe(teacher)
+    raw.update(transfer={"split": "train"}, soft_labels={}, baselines=["teacher"], budget={"queries": queries, **extra})
+    return raw
+
+
+def test_a_budgeted_run_spends_within_its_budget_and_records_the_plan(digits_teacher, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", budget_recipe(digits_teacher, 3000)))
+    assert recipe.transfer.mixtures.count == 842 and recipe.soft_labels["budget"].subset == 4
+    assert recipe.soft_labels["budget"].hard_labels_for_rest
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    budget = run["budget"]
+    assert budget["at_most"] == 3000 and budget["within_budget"]
+    assert budget["spent"] == {"mixtures": 842, "soft_labels/budget": budget["spent_total"] - 842}
+    evaluation = 359 + 359  # the teacher baseline and the student's fidelity, each once over the test split
+    assert run["teacher_queries_this_run"] - evaluation == budget["spent_total"] <= 3000
+    student = json.loads((tmp_path / "run" / "students" / "budget-lenet5-fifth-seed0" / "metrics.json").read_text())
+    assert student["train_samples"] == 1438 + 842 and student["hard_labelled_samples"] == 1434
+    assert student["teacher_queries"]["total"] == budget["spent_total"]
+    # The resolved recipe holds the plan and reads back as the same stages: a rerun does nothing.
+    again = load_recipe(tmp_path / "run" / "recipe.resolved.yaml")
+    assert again.budget_plan == recipe.budget_plan
+    assert {r.status for r in run_recipe(again, tmp_path / "run", progress=False)} == {"skipped"}
+
+
+def test_a_budget_below_the_images_buys_labels_only(digits_teacher, tmp_path):
+    recipe = parse_recipe(budget_recipe(digits_teacher, 500))
+    assert recipe.transfer.subset == 500 and recipe.transfer.mixtures is None and not recipe.soft_labels
+    assert recipe.baselines == ["ce", "teacher"]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"soft_labels": {"bd": {"method": "bd"}}}, "budget: expected no soft_labels or transfer.mixtures beside it"),
+    ({"baselines": ["ce"]}, "baselines: expected no ce beside a budget that buys soft labels"),
+    ({"transfer": {"synthesize": {"per_class": 2}}}, "budget: expected a budget over real images"),
+    ({"budget": {"queries": 0}}, r"budget\.queries: must be a positive integer, got 0"),
+])
+def test_budget_conflicts_are_refused(digits_teacher, change, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_recipe({**budget_recipe(digits_teacher, 3000), **change})
