@@ -70,3 +70,17 @@ def test_a_budget_below_the_images_buys_labels_only(digits_teacher, tmp_path):
 def test_budget_conflicts_are_refused(digits_teacher, change, message):
     with pytest.raises(ConfigError, match=message):
         parse_recipe({**budget_recipe(digits_teacher, 3000), **change})
+
+
+def test_db3kd_run_takes_a_budget_on_the_command_line(digits_teacher, tmp_path, capsys):
+    from db3kd.cli import main
+
+    raw = budget_recipe(digits_teacher, 10**9)
+    del raw["budget"]
+    raw["soft_labels"] = {}
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    assert main(["run", str(path), "--budget", "700", "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "budget 700 queries: 700 labels, 0 mixtures, soft labels for 0 images" in out
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["budget"]["spent"] == {"students/ce-lenet5-fifth-seed0": 700} and run["budget"]["within_budget"]

@@ -18,6 +18,8 @@ checked: an unknown key or a bad value raises `ConfigError` naming its place, e.
   (cross-entropy on the dataset's true labels: no teacher at all), `ce` (cross-entropy on the teacher's top-1
   labels, queries counted) and `standard-kd` (the
   teacher's logits, WHITE-BOX: needs a model file; the upper reference, not a label-only method).
+- `budget`: a `db3kd.budget.BudgetSpec`, a total of teacher queries behind each student's training data; its
+  plan sets `transfer.subset`, `transfer.mixtures` and a `budget` BD stage (`db3kd.budget`).
 - `executor`: where the shards of synthesize, mixtures and soft-label stages run, `local` or `ray` (with
   address, workers, max_retries); `db3kd run`'s options override it. It is in no stage's hash: results are
   equal whichever executor made them.
@@ -271,8 +273,9 @@ class Recipe:
 
 # --- loading -----------------------------------------------------------------------------------------------
 
-def load_recipe(path: str | os.PathLike, check_files: bool = True) -> Recipe:
-    """Read and check the recipe at `path`; relative input paths are resolved against its directory."""
+def load_recipe(path: str | os.PathLike, check_files: bool = True, budget: int | None = None) -> Recipe:
+    """Read and check the recipe at `path`; relative input paths are resolved against its directory. `budget`
+    sets (or replaces) its `budget.queries`."""
     import yaml
 
     path = Path(path)
@@ -293,6 +296,8 @@ def load_recipe(path: str | os.PathLike, check_files: bool = True) -> Recipe:
         raw = yaml.load(path.read_text(), Loader=UniqueKeys)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if budget is not None and isinstance(raw, dict):
+        raw["budget"] = {**(raw.get("budget") or {}), "queries": budget}
     try:
         return parse_recipe(raw, base_dir=path.resolve().parent, check_files=check_files)
     except ConfigError as e:

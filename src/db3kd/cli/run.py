@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     parser.add_argument("--out", metavar="RUN_DIR", help="run directory (default: the recipe's run_dir)")
     parser.add_argument("--api-key", default=os.environ.get("DB3KD_API_KEY"),
                         help="bearer token for a label-service teacher (default: $DB3KD_API_KEY; never in the recipe)")
+    parser.add_argument("--budget", type=int, metavar="Q",
+                        help="spend at most Q teacher queries on the students' training data, planned by db3kd "
+                             "(labels, mixtures of the images, soft labels on a subset); sets the recipe's budget")
     parser.add_argument("--report", action="store_true", help="write and print the report when done")
     parser.add_argument("--quiet", action="store_true", help="no progress bars (stage lines only)")
     add_executor_args(parser, default=None, default_note="default, unless the recipe's executor says ray")
@@ -27,7 +30,7 @@ def run(args) -> int:
     from ..pipeline import run_recipe
     from ..recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, budget=args.budget)
     recipe = dataclasses.replace(recipe, executor=executor_config(args, recipe.executor))
 
     def show(i: int, n: int, record) -> None:
@@ -38,6 +41,14 @@ def run(args) -> int:
     run_dir = args.out or recipe.run_dir
     done = sum(r.status == "done" for r in records)
     print(f"{recipe.name}: {done} stage(s) run, {len(records) - done} up to date; results in {run_dir}")
+    if recipe.budget_plan is not None:
+        import json
+        from pathlib import Path
+
+        spent = json.loads((Path(run_dir) / "run.json").read_text())["budget"]
+        plan = recipe.budget_plan
+        print(f"budget {plan.budget:,} queries: {plan.labelled:,} labels, {plan.mixtures:,} mixtures, soft labels for "
+              f"{plan.soft_labelled:,} images at <= {plan.queries_per_pair} per pair; spent {spent['spent_total']:,}")
     if args.report:
         from ..report import write_report
 
