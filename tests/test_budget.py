@@ -49,6 +49,11 @@ def test_a_budgeted_run_spends_within_its_budget_and_records_the_plan(digits_tea
     student = json.loads((tmp_path / "run" / "students" / "budget-lenet5-fifth-seed0" / "metrics.json").read_text())
     assert student["train_samples"] == 1438 + 842 and student["hard_labelled_samples"] == 1434
     assert student["teacher_queries"]["total"] == budget["spent_total"]
+    from db3kd.report import write_report
+
+    assert (f"3,000 teacher queries planned as: labels for 1,438 images, 842 mixtures of them, BD soft labels for 4 "
+            f"of them at <= 20 queries per pair (at most 3,000 in all). Spent: `mixtures` 842, `soft_labels/budget` "
+            f"{budget['spent_total'] - 842:,}; {budget['spent_total']:,} in all, within the budget.") in write_report(tmp_path / "run")
     # The resolved recipe holds the plan and reads back as the same stages: a rerun does nothing.
     again = load_recipe(tmp_path / "run" / "recipe.resolved.yaml")
     assert again.budget_plan == recipe.budget_plan

@@ -62,6 +62,7 @@ def test_paper_profile_and_explicit_settings():
         type(TrainConfig().plan(1, 1))(epochs=10, batch_size=512, augment="none", holdout=0, train=60_000)
     plan = TrainConfig(epochs=3, batch_size=100, augment="none", holdout=0.2).plan(6000, 3)
     assert (plan.epochs, plan.batch_size, plan.augment, plan.holdout, plan.train) == (3, 100, "none", 1200, 4800)
+    assert TrainConfig(holdout=0).plan(60_000, 1).holdout == 0
     with pytest.raises(ConfigError, match="holdout: 0.1 of 100 images leaves no usable held-out set"):
         TrainConfig(holdout=0.1).plan(100, 1)
 

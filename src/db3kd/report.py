@@ -48,6 +48,8 @@ def write_report(run_dir: str | Path) -> str:
              "the same over the samples it trained on (mixtures included); "
              "evaluation queries (fidelity) are not counted. `@Q`: a student trained on MBD's distances after Q "
              "queries per pair.", ""]
+    if recipe.budget is not None:
+        lines += _budget_lines(run_dir)
     if any(r.get("test_labelled") is False for r in results):
         lines += [f"The test images ({recipe.dataset.test}) have no labels: no test accuracy can be given (—), only "
                   "fidelity, the students' agreement with the teacher's labels of them.", ""]
@@ -97,6 +99,20 @@ def write_combined_report(run_dirs: list[str | Path], out: str | Path | None = N
     if out is not None:
         write_text(out, text)
     return text
+
+
+def _budget_lines(run_dir: Path) -> list[str]:
+    """The budget's plan and what its stages spent (run.json), as a report section."""
+    try:
+        budget = json.loads((run_dir / "run.json").read_text())["budget"]
+    except (OSError, ValueError, KeyError):
+        return ["## Budget", "", "_Not run yet: no run.json with the budget's spending._", ""]
+    spent = ", ".join(f"`{name}` {queries:,}" for name, queries in budget["spent"].items()) or "nothing yet"
+    return ["## Budget", "",
+            f"{budget['budget']:,} teacher queries planned as: labels for {budget['labelled']:,} images, "
+            f"{budget['mixtures']:,} mixtures of them, BD soft labels for {budget['soft_labelled']:,} of them at "
+            f"<= {budget['queries_per_pair']} queries per pair (at most {budget['at_most']:,} in all). Spent: {spent}; "
+            f"{budget['spent_total']:,} in all, {'within' if budget['within_budget'] else 'OVER'} the budget.", ""]
 
 
 def _transfer_sentence(recipe, run_dir: Path) -> str:

@@ -83,7 +83,7 @@ class TrainConfig:
         paper = self.profile == "paper"
         fraction = self.holdout if self.holdout is not None else 0.0 if paper else HOLDOUT_FRACTION
         holdout = min(round(num_samples * fraction), HOLDOUT_MAX)
-        if holdout < HOLDOUT_MIN or holdout >= num_samples:
+        if fraction and not HOLDOUT_MIN <= holdout < num_samples:  # too few to hold any out
             holdout = 0 if self.holdout is None else _too_small(num_samples, self.holdout)
         train = num_samples - holdout
         batch = self.batch_size or (512 if paper else 128 if train >= 16384 else 64 if train >= 4096 else 32)

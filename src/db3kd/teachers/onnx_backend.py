@@ -67,9 +67,7 @@ def open_onnx(path: str | os.PathLike, input_shape=None, num_classes: int | None
     path = Path(path)
     if not path.is_file():
         raise TeacherError(f"ONNX teacher not found: {path}")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
+    options = session_options(threads)
     try:
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         session = ort.InferenceSession(str(path), options, providers=providers)
@@ -83,6 +81,42 @@ def open_onnx(path: str | os.PathLike, input_shape=None, num_classes: int | None
         bounds = tuple(float(b) for b in meta["db3kd.bounds"].split(",")) if "db3kd.bounds" in meta else (0.0, 1.0)
     return OnnxModel(session, inputs[0].name, _resolve_shape(path, inputs[0].shape, input_shape),
                      _resolve_classes(path, outputs[0].shape, num_classes, meta), (float(bounds[0]), float(bounds[1])))
+
+
+# ONNX Runtime settings of every session `open_onnx` makes, as `session_options` reads them: SessionOptions
+# attributes by name, and session config entries (names with dots). Empty: ONNX Runtime's own defaults.
+SESSION_SETTINGS: dict[str, object] = {}
+
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(threads: int | None = None, settings: dict | None = None):
+    """`ort.SessionOptions` with `settings` (default `SESSION_SETTINGS`) and, when given, `threads` intra-op
+    threads (which overrides the settings' `intra_op_num_threads`).
+
+    Settings: `intra_op_num_threads`, `inter_op_num_threads`, `execution_mode` ("sequential" or "parallel"),
+    `graph_optimization_level` ("disable", "basic", "extended", "layout", "all"), `enable_cpu_mem_arena`,
+    `enable_mem_pattern`, and any session config entry by its key (e.g. "session.intra_op.allow_spinning": "0").
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    for name, value in (SESSION_SETTINGS if settings is None else settings).items():
+        if "." in name:
+            options.add_session_config_entry(name, str(value))
+        elif name == "execution_mode":
+            options.execution_mode = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+                                      "parallel": ort.ExecutionMode.ORT_PARALLEL}[value]
+        elif name == "graph_optimization_level":
+            options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[value])
+        elif name in ("intra_op_num_threads", "inter_op_num_threads", "enable_cpu_mem_arena", "enable_mem_pattern"):
+            setattr(options, name, value)
+        else:
+            raise ValueError(f"unknown ONNX Runtime setting {name!r}")
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    return options
 
 
 def _resolve_shape(path, dims, given) -> tuple[int, int, int]:
