@@ -16,6 +16,8 @@ from db3kd.teachers import LabelBackend, OnnxBackend, TorchBackend
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 TEACHER = SHARED / "teachers" / "lenet5_mnist.onnx"
 MNIST_TEST_IMAGES = SHARED / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
+CIFAR10_TEACHER = SHARED / "teachers" / "alexnet_cifar10.onnx"
+CIFAR10 = SHARED / "data" / "cifar10" / "cifar10.npz"
 
 
 class FakeBackend:
@@ -313,6 +315,71 @@ def test_onnx_teacher_clips_like_the_bounds(onnx_teacher):
     x = mnist_images(20)
     pushed_out = np.where(x > 0.5, x + 3.0, x - 3.0).astype(np.float32)  # clips back to 0 and 1
     np.testing.assert_array_equal(oracle.labels(pushed_out), oracle.labels((x > 0.5).astype(np.float32)))
+
+
+# --- ONNX Runtime settings and batch size (benchmarks/oracle.py --sweep) ---------------------------------------
+
+
+def test_session_options_apply_settings_by_name():
+    import onnxruntime as ort
+
+    from db3kd.teachers.onnx_backend import session_options
+
+    options = session_options(threads=3, settings={
+        "intra_op_num_threads": 1, "inter_op_num_threads": 2, "execution_mode": "parallel",
+        "graph_optimization_level": "extended", "enable_cpu_mem_arena": False, "enable_mem_pattern": False,
+        "session.intra_op.allow_spinning": "0"})
+    assert options.intra_op_num_threads == 3  # `threads` wins over the settings
+    assert options.inter_op_num_threads == 2
+    assert options.execution_mode == ort.ExecutionMode.ORT_PARALLEL
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options(settings={"intra_op_num_threads": 1}).intra_op_num_threads == 1
+    with pytest.raises(ValueError, match="unknown ONNX Runtime setting 'intra_threads'"):
+        session_options(settings={"intra_threads": 1})
+
+
+def test_onnx_sessions_get_the_tuned_defaults(onnx_teacher):
+    from db3kd.teachers.onnx_backend import SESSION_SETTINGS
+
+    assert SESSION_SETTINGS["session.intra_op.allow_spinning"] == "0"
+    options = onnx_teacher.model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 1  # the fixture's threads=1 on top of the defaults
+
+
+def test_default_batch_by_image_size():
+    from db3kd.teachers.onnx_backend import default_batch
+
+    assert default_batch((1, 28, 28)) == 256  # MNIST: unchanged
+    assert default_batch((3, 32, 32)) == 128  # CIFAR-10: as fast as 256 to 1024, half the memory of 256
+    assert default_batch((3, 64, 64)) == 32
+    assert default_batch((3, 224, 224)) == 8  # never fewer
+
+
+def test_onnx_preferred_batch_can_be_given(onnx_teacher):
+    assert onnx_teacher.preferred_batch == 256
+    assert OnnxBackend(TEACHER, threads=1, preferred_batch=100).preferred_batch == 100
+
+
+def test_cifar10_teacher_labels_match_a_bare_session():
+    """The CIFAR-10 AlexNet through the oracle with the tuned defaults: the arg-max of ONNX Runtime's defaults."""
+    if not (CIFAR10_TEACHER.is_file() and CIFAR10.is_file()):
+        pytest.skip(f"shared CIFAR-10 teacher or data not found: {CIFAR10_TEACHER}, {CIFAR10}")
+    import onnxruntime as ort
+
+    with np.load(CIFAR10) as data:
+        x = np.ascontiguousarray(data["x_test"][:300].transpose(0, 3, 1, 2) / 255.0, dtype=np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(CIFAR10_TEACHER), options, providers=["CPUExecutionProvider"])
+    expected = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(axis=1)
+    backend = OnnxBackend(CIFAR10_TEACHER, threads=1)
+    assert (backend.input_shape, backend.num_classes, backend.preferred_batch) == ((3, 32, 32), 10, 128)
+    oracle = LabelOracle(backend)
+    np.testing.assert_array_equal(oracle.labels(x), expected)
+    assert oracle.queries == 300 and len(set(expected.tolist())) == 10
 
 
 # --- the white-box teacher stays out of label-only code ---------------------------------------------------

@@ -297,15 +297,13 @@ def mix_run(digits_teacher, tmp_path_factory):
     return tmp / "run", run(mixture_recipe(digits_teacher), tmp, tmp / "run")
 
 
-def test_mixtures_are_parsed_with_their_defaults_and_only_with_synthesis(digits_teacher, mix_run):
+def test_mixtures_are_parsed_with_their_defaults(digits_teacher, mix_run):
     recipe = parse_recipe(mixture_recipe(digits_teacher))
     assert recipe.transfer.mixtures == MixtureConfig(**MIXTURES)  # with its defaults
     assert resolved(mix_run[0])["transfer"]["mixtures"] == {**MIXTURES, "min_brightness": 0.3, "seed": 0}
     assert parse_recipe(zero_shot_recipe(digits_teacher)).transfer.mixtures is None  # optional
     real = {**mixture_recipe(digits_teacher), "transfer": {"split": "train", "mixtures": {"count": 5}}}
-    with pytest.raises(ConfigError, match=r"^transfer\.mixtures: expected mixtures only together with synthesize "
-                                          r"\(they are mixtures of its pseudo samples\), got MixtureConfig\(count=5, "):
-        parse_recipe(real)
+    assert parse_recipe(real).transfer.mixtures.count == 5  # of real images too (tests/test_recipes.py runs one)
 
 
 def test_zero_shot_students_train_on_the_mixtures_and_count_their_queries(mix_run):
