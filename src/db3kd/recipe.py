@@ -82,8 +82,6 @@ class DatasetSpec:
     skip_bad_images: bool = False
 
     def __post_init__(self):
-        from .data import DATASETS
-
         _expect(self.resize in ("crop", "pad"), "resize", "crop or pad", self.resize)
         _expect(self.own or self.test is None, "test", "null with a named dataset (its test split is the test set)",
                 self.test)

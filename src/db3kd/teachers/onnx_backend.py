@@ -26,21 +26,35 @@ class OnnxBackend:
         num_classes: K, needed only if the model's output dim is symbolic.
         bounds: pixel range, overriding the file's metadata.
         threads: ONNX Runtime intra-op threads (default: its own choice, all physical cores).
-        preferred_batch: chunk size the oracle uses for this backend (default 256, fewer for large images).
+        preferred_batch: chunk size the oracle uses for this backend (default: 256 images or ~1.5 MB of
+            them, whichever is fewer, at least 8; see `default_batch`).
     """
 
     def __init__(self, path: str | os.PathLike, input_shape=None, num_classes: int | None = None, bounds=None,
                  threads: int | None = None, preferred_batch: int | None = None):
         self.model = open_onnx(path, input_shape, num_classes, bounds, threads)
         self.input_shape, self.num_classes, self.bounds = self.model.input_shape, self.model.num_classes, self.model.bounds
-        # 256 images per call, fewer when large (ONNX Runtime's buffers grow with the batch): at most ~32 MB.
-        image_bytes = 4 * int(np.prod(self.input_shape))
-        self.preferred_batch = int(preferred_batch or max(8, min(256, (32 << 20) // image_bytes)))
+        self.preferred_batch = int(preferred_batch or default_batch(self.input_shape))
         self.name = f"onnx:{path}"
         self.identity = "sha256:" + file_digest(Path(path))  # the file's content: a retrained teacher is another one
 
     def predict_labels(self, x: torch.Tensor) -> np.ndarray:
         return self.model.scores(x.detach().cpu().numpy()).argmax(axis=1)
+
+
+# Images per call: 256, or ~1.5 MB of float32 input when the images are large; never fewer than 8. Past a few
+# dozen images a call, the batch hardly changes ONNX Runtime's throughput on a CPU, while its memory (the
+# activations it keeps in its arena) grows with the batch: ~1.35 MB per image for the CIFAR-10 AlexNet.
+# MNIST (3 KB): 256; CIFAR-10 (12 KB): 128 (the same images/s as 256 to 1024, 170 MB instead of 340 MB to 1.4 GB);
+# ImageNet at 224 (600 KB): 8. Measured by `python benchmarks/oracle.py --sweep [--teacher cifar10]`.
+MAX_BATCH = 256
+BATCH_INPUT_BYTES = 3 << 19
+
+
+def default_batch(input_shape) -> int:
+    """The oracle's chunk size for images of `input_shape` (C, H, W), when the caller gives none."""
+    image_bytes = 4 * int(np.prod(input_shape))
+    return max(8, min(MAX_BATCH, BATCH_INPUT_BYTES // image_bytes))
 
 
 @dataclass(frozen=True)
@@ -84,8 +98,15 @@ def open_onnx(path: str | os.PathLike, input_shape=None, num_classes: int | None
 
 
 # ONNX Runtime settings of every session `open_onnx` makes, as `session_options` reads them: SessionOptions
-# attributes by name, and session config entries (names with dots). Empty: ONNX Runtime's own defaults.
-SESSION_SETTINGS: dict[str, object] = {}
+# attributes by name, and session config entries (names with dots); the rest stays ONNX Runtime's default.
+# - No spinning: ONNX Runtime's intra-op threads otherwise busy-wait for work between and after operators,
+#   taking the cores from everything else (other jobs on a shared machine; this process's own torch work between
+#   queries). On the 2-core machine, under load, 2 threads without spinning answered 1.25-1.3x more images/s
+#   than with it, on the MNIST LeNet-5 and on the CIFAR-10 AlexNet alike; the labels are the same.
+# - Kept as they are: the sequential executor (the parallel one: 0.5-0.6x), full graph optimisation (basic or
+#   extended only, without the NCHWc layout: 0.77x on AlexNet), the memory arena (off: 0.83-0.88x) and its
+#   memory pattern (no difference), denormals (flushing them to zero: no difference, and it could change labels).
+SESSION_SETTINGS: dict[str, object] = {"session.intra_op.allow_spinning": "0"}
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
            "layout": "ORT_ENABLE_LAYOUT", "all": "ORT_ENABLE_ALL"}
