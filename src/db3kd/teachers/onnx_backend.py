@@ -101,11 +101,13 @@ def open_onnx(path: str | os.PathLike, input_shape=None, num_classes: int | None
 # attributes by name, and session config entries (names with dots); the rest stays ONNX Runtime's default.
 # - No spinning: ONNX Runtime's intra-op threads otherwise busy-wait for work between and after operators,
 #   taking the cores from everything else (other jobs on a shared machine; this process's own torch work between
-#   queries). On the 2-core machine, under load, 2 threads without spinning answered 1.25-1.3x more images/s
-#   than with it, on the MNIST LeNet-5 and on the CIFAR-10 AlexNet alike; the labels are the same.
-# - Kept as they are: the sequential executor (the parallel one: 0.5-0.6x), full graph optimisation (basic or
-#   extended only, without the NCHWc layout: 0.77x on AlexNet), the memory arena (off: 0.83-0.88x) and its
-#   memory pattern (no difference), denormals (flushing them to zero: no difference, and it could change labels).
+#   queries). On the shared 2-core machine (load average 5-10), 2 threads without spinning answered 1.25-1.6x
+#   the images/s of 2 spinning threads on the MNIST LeNet-5 and 1.03-1.33x on the CIFAR-10 AlexNet, with the
+#   same labels (benchmarks/results/oracle_*_sweep.json). 1 thread did as well there, the other jobs holding
+#   the second core; the thread count stays ONNX Runtime's choice (all physical cores) or the caller's.
+# - Kept as they are: the sequential executor (the parallel one: 0.5-0.7x), full graph optimisation (basic or
+#   extended, without the NCHWc layout: 0.77-0.87x on AlexNet), the memory arena (off: 0.78-0.88x) and its
+#   memory pattern (no clear difference), denormals (flushed to zero: no difference, and it could change labels).
 SESSION_SETTINGS: dict[str, object] = {"session.intra_op.allow_spinning": "0"}
 
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
