@@ -308,3 +308,18 @@ def test_a_student_interrupted_in_training_resumes_from_its_last_epoch(tmp_path,
     whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert resumed["test_accuracy"] == whole["test_accuracy"] and resumed["chosen_epoch"] == whole["chosen_epoch"]
     assert not (out / "train_state.pt").exists()
+
+
+def test_the_holdout_is_drawn_from_the_pool_only(monkeypatch):
+    import db3kd.training as training
+
+    held_out_labels = []
+    monkeypatch.setattr(training, "accuracy", lambda model, x, y: held_out_labels.append(y.clone()) or 0.5)
+    x, _ = separable_data(n=1000)
+    y = np.r_[np.zeros(300, np.int64), np.ones(700, np.int64)]  # rows 300 on: e.g. mixtures, never held out
+    torch.manual_seed(0)
+    model = build_model("lenet5-fifth", (1, 28, 28), 2)
+    result = train_classifier(model, x, y, TrainConfig(epochs=1, batch_size=64, holdout=0.2), progress=False,
+                              holdout_pool=300)
+    assert result.plan.holdout == 60 and result.plan.train == 940
+    assert len(held_out_labels) == 1 and len(held_out_labels[0]) == 60 and not held_out_labels[0].any()

@@ -78,12 +78,14 @@ class TrainConfig:
         number(self.weight_decay, "weight_decay", 0, math.inf, closed="low")
         integer(self.seed, "seed")
 
-    def plan(self, num_samples: int, channels: int) -> TrainPlan:
-        """The concrete settings for `num_samples` transfer images of `channels` channels."""
+    def plan(self, num_samples: int, channels: int, holdout_pool: int | None = None) -> TrainPlan:
+        """The concrete settings for `num_samples` transfer images of `channels` channels, the first
+        `holdout_pool` of which (default: all) may be held out."""
         paper = self.profile == "paper"
         fraction = self.holdout if self.holdout is not None else 0.0 if paper else HOLDOUT_FRACTION
-        holdout = min(round(num_samples * fraction), HOLDOUT_MAX)
-        if fraction and not HOLDOUT_MIN <= holdout < num_samples:  # too few to hold any out
+        pool = num_samples if holdout_pool is None else holdout_pool
+        holdout = min(round(pool * fraction), HOLDOUT_MAX)
+        if fraction and not (HOLDOUT_MIN <= holdout < pool and holdout < num_samples):  # too few to hold any out
             holdout = 0 if self.holdout is None else _too_small(num_samples, self.holdout)
         train = num_samples - holdout
         batch = self.batch_size or (512 if paper else 128 if train >= 16384 else 64 if train >= 4096 else 32)
@@ -182,6 +184,7 @@ def train_classifier(
     soft_logits: np.ndarray | None = None,
     kd: KDLoss | None = None,
     checkpoint: str | os.PathLike | None = None,
+    holdout_pool: int | None = None,
 ) -> TrainResult:
     """Train `model` on (x_train, y_train) with Adam and cosine decay; `model` ends with the kept weights.
 
@@ -200,6 +203,8 @@ def train_classifier(
         kd: the distillation loss; needs `soft_logits`.
         checkpoint: a file to write the training state to after every epoch; an existing one of the same
             training resumes it from its last finished epoch. Removed when training ends.
+        holdout_pool: the hold-out is drawn from the first `holdout_pool` rows only (default: all), e.g. the real
+            images of a set whose later rows are mixtures, which always train.
     """
     if len(x_train) != len(y_train) or len(x_train) == 0:
         raise ConfigError(f"expected as many labels as images (> 0), got {len(x_train)} images and {len(y_train)} labels")
@@ -207,23 +212,25 @@ def train_classifier(
         raise ConfigError("soft_logits and kd go together: pass both for distillation, neither for cross-entropy")
     if soft_logits is not None and len(soft_logits) != len(x_train):
         raise ConfigError(f"expected soft logits for each of the {len(x_train)} images, got {len(soft_logits)}")
-    plan = config.plan(len(x_train), int(np.shape(x_train)[1]))
+    pool = len(x_train) if holdout_pool is None else min(integer(holdout_pool, "holdout_pool", 0), len(x_train))
+    plan = config.plan(len(x_train), int(np.shape(x_train)[1]), pool)
     with torch.random.fork_rng():  # dropout and the like: reproducible from the seed, the caller's RNG untouched
         torch.manual_seed(config.seed)
-        return _Fit(model, x_train, y_train, config, plan, soft_logits, kd, checkpoint).run(evaluate, progress)
+        return _Fit(model, x_train, y_train, config, plan, soft_logits, kd, checkpoint, pool).run(evaluate, progress)
 
 
 class _Fit:
     """One training run: its data split, optimizer and schedule, and the state a checkpoint holds."""
 
-    def __init__(self, model, x_train, y_train, config: TrainConfig, plan: TrainPlan, soft_logits, kd, checkpoint):
+    def __init__(self, model, x_train, y_train, config: TrainConfig, plan: TrainPlan, soft_logits, kd, checkpoint,
+                 pool: int):
         self.model, self.config, self.plan, self.kd = model, config, plan, kd
         self.device = resolve_device(config.device)
         model.to(self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         order = torch.arange(len(x_train))
-        if plan.holdout:  # a random part of the set (drawn only then: the paper profile's shuffles stay as they were)
-            order = torch.randperm(len(x_train), generator=self.generator)
+        if plan.holdout:  # a random part of the pool (drawn only then: the paper profile's shuffles stay as they were)
+            order[:pool] = torch.randperm(pool, generator=self.generator)
         self.train_idx, self.holdout_idx = order[plan.holdout:], order[:plan.holdout]
         self.x = torch.as_tensor(np.asarray(x_train))  # an ImageStore read whole, in one go
         self.y = torch.as_tensor(y_train, dtype=torch.int64)
@@ -235,7 +242,7 @@ class _Fit:
         self.result = TrainResult(plan=plan)
         self.best: tuple[float, int, dict] | None = None  # (hold-out agreement, epoch, weights)
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
-        self.fingerprint = _fingerprint(config, plan, x_train, y_train, soft_logits, kd)
+        self.fingerprint = _fingerprint(config, plan, pool, x_train, y_train, soft_logits, kd)
 
     def run(self, evaluate, progress: bool) -> TrainResult:
         start_epoch, elapsed = self._resume()
@@ -326,9 +333,9 @@ class _Fit:
         return state["epoch"], state["seconds"]
 
 
-def _fingerprint(config: TrainConfig, plan: TrainPlan, x, y, soft_logits, kd) -> str:
+def _fingerprint(config: TrainConfig, plan: TrainPlan, pool: int, x, y, soft_logits, kd) -> str:
     """A digest of what decides a training's result: settings, plan and (a sample of) the data."""
-    digest = hashlib.sha256(repr((asdict(replace(config, device=None)), asdict(plan),
+    digest = hashlib.sha256(repr((asdict(replace(config, device=None)), asdict(plan), pool,
                                   None if kd is None else asdict(kd), np.shape(x))).encode())
     step = max(1, len(x) // 256)
     for array in (np.asarray(x[::step]), np.asarray(y), None if soft_logits is None else np.asarray(soft_logits)):

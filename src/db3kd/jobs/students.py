@@ -62,7 +62,7 @@ def train_student(out_dir: str | os.PathLike, arch: str, info: DatasetInfo, tran
     started = time.perf_counter()
     result = train_classifier(model, transfer.images, transfer.labels, config, evaluate=evaluate, progress=progress,
                               soft_logits=None if kd is None else transfer.logits, kd=kd,
-                              checkpoint=out / TRAIN_STATE)
+                              checkpoint=out / TRAIN_STATE, holdout_pool=transfer.samples)  # not mixtures
     save_checkpoint(out / "model.pt", model.cpu(), spec)
     onnx_path = export_onnx(model, spec, out / "model.onnx")
     cost = transfer.cost
