@@ -5,7 +5,7 @@ other than their teacher label (9000 pairs). References (directions) are the who
 labelled by the teacher. The 0 -> 1 subset (first 100 class-0 samples, target 1) compares with the
 reference implementation's rows in ../shared/README.md.
 
-    .venv/bin/python benchmarks/robustness.py            # full run, about 10 minutes on 2 quiet cores
+    .venv/bin/python benchmarks/robustness.py            # full run, about 15 minutes on 2 quiet cores
     .venv/bin/python benchmarks/robustness.py --quick    # smoke run, about a minute
 """
 
@@ -34,6 +34,19 @@ REFERENCE_ROWS = {  # ../shared/README.md, original DB3KD implementation, 0 -> 1
     "mbd@2000": {"queries_per_pair": 2000, "ms_per_pair": 326, "median": 4.63},
 }
 FULL_TRAIN_PAIRS = 60000 * 9
+# The figures of this benchmark before issue 14 ("the estimators themselves get cheaper"): BD was the "bisect"
+# search at 40 queries per pair, MBD walked without momentum (32 probes) from it. Issue 14's targets: BD at
+# <= 20 queries per pair with a median no larger than that BD's at 40, MBD at 500 no larger than that MBD's
+# at 1,000, on the same cases.
+PREVIOUS = {
+    "bd": {"estimator": "BoundaryDistance(max_directions=32, tolerance=0.02, queries_per_pair=40) (search 'bisect')",
+           "median_distance_all": 3.9768370071214285, "queries_per_pair": 39.88711111111111},
+    "mbd_all_targets": {"estimator": "MinimalBoundaryDistance(queries_per_pair=2000, probes=32, no momentum, "
+                                     "bd=the BD above)",
+                        "checkpoint_medians": {"250": 3.1675156230963104, "500": 3.0157871815218775,
+                                               "1000": 2.867288432466416, "2000": 2.7312969108376963}},
+}
+ISSUE_14_TARGETS = {"bd_median_all_at_20": 3.9768370071214285, "mbd_median_all_targets_at_500": 2.867288432466416}
 
 
 def load_mnist_train(data_dir: Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -135,11 +148,22 @@ def main() -> None:
     assert oracle.queries == bd_result.queries.sum()
     report["bd"] = {"estimator": repr(bd), "all": summary(bd_result, seconds),
                     "zero_to_one": summary(bd_result, seconds, zero_to_one),
-                    "targets": {"median_distance_zero_to_one": 6.43, "queries_per_pair": 40, "ms_per_pair": 5}}
+                    "targets": {"median_distance_all": ISSUE_14_TARGETS["bd_median_all_at_20"],
+                                "queries_per_pair": 20, "median_distance_zero_to_one": 6.43, "ms_per_pair": 5,
+                                "note": "median_distance_all and queries_per_pair: issue 14 (the previous search's "
+                                        "median at 40 queries, at 20); the others: the reference implementation"}}
     report["bd"]["all"]["teacher_floor_ms_per_pair"] = (
         1e3 * report["bd"]["all"]["queries_per_pair"] / report["machine"]["teacher_images_per_second_now"])
     report["bd"]["zero_to_one"]["note"] = "ms_per_pair is the whole run's average (the pairs ran together)"
-    print(f"bd done: {report['bd']['zero_to_one']}", flush=True)
+    print(f"bd done: {report['bd']['all']}", flush=True)
+    # The same search at 40 queries per pair, and the previous search ("bisect", L2 order, 32 references) at 40.
+    for name, other in (("bd@40", BoundaryDistance(queries_per_pair=40)),
+                        ("bd_previous@40", BoundaryDistance(max_directions=32, queries_per_pair=40, strategy="bisect"))):
+        result, seconds = timed(lambda: other(open_oracle(args.teacher), x, labels, x_train, ref_y))
+        report[name] = {"estimator": repr(other), "all": summary(result, seconds),
+                        "zero_to_one": summary(result, seconds, zero_to_one)}
+        print(f"{name} done: {report[name]['all']}", flush=True)
+    report["bd_previous_figures"] = PREVIOUS["bd"]
 
     # MBD, 0 -> 1 against the reference rows.
     mbd = MinimalBoundaryDistance(queries_per_pair=args.mbd_budget, checkpoints=checkpoints)
@@ -149,7 +173,8 @@ def main() -> None:
     report["mbd"] = {"estimator": repr(mbd), "zero_to_one": summary(mbd_01, seconds),
                      "zero_to_one_checkpoint_medians": {
                          str(c): float(np.median(mbd_01.distances_at[i][:, 1])) for i, c in enumerate(checkpoints)},
-                     "target": {"median_distance_at_500_zero_to_one": 4.63}}
+                     "target": {"median_distance_at_500_zero_to_one": 4.63,
+                                "note": "the reference implementation's median at 2,000 queries"}}
     print(f"mbd 0->1 done: {report['mbd']['zero_to_one_checkpoint_medians']}", flush=True)
     # The same at 500 queries with other probe seeds: how much of the figure is the draw of probes.
     other_seeds = {}
@@ -173,6 +198,17 @@ def main() -> None:
             np.isin(samples, sub)][np.isfinite(bd_result.distances[np.isin(samples, sub)])])),
     }
     print(f"mbd all done: {report['mbd']['all_targets']['checkpoint_medians']}", flush=True)
+    # The default MBD, 500 queries per pair (its last iteration then uses fewer probes, where a longer run's
+    # 500 checkpoint would not), on the same pairs: issue 14's target.
+    mbd500 = MinimalBoundaryDistance(queries_per_pair=500, checkpoints=(250, 500))
+    result, seconds = timed(lambda: mbd500(open_oracle(args.teacher), x_train[sub], ref_y[sub], x_train, ref_y))
+    report["mbd"]["all_targets_at_500"] = {"estimator": repr(mbd500), **summary(result, seconds)}
+    report["mbd"]["all_targets_target"] = {
+        "median_distance_at_500": ISSUE_14_TARGETS["mbd_median_all_targets_at_500"],
+        "note": "issue 14: the previous MBD's median at 1,000 queries on these pairs",
+        "previous_checkpoint_medians": PREVIOUS["mbd_all_targets"]["checkpoint_medians"],
+        "previous_estimator": PREVIOUS["mbd_all_targets"]["estimator"]}
+    print(f"mbd all at 500 done: {report['mbd']['all_targets_at_500']}", flush=True)
 
     # BD timing on a larger subset, extrapolated linearly in pairs to the full training set.
     big = np.arange(args.extrapolate_samples)

@@ -157,7 +157,7 @@ class BoundaryPush:
     def search(self, oracle: LabelOracle, x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N,) untargeted boundary distances and (N, C, H, W) the boundary points (NaN where none found)."""
         k = oracle.num_classes
-        # Half the search budget for BD over the K-1 targets (<= 40 per pair, BD's default), half for the walk.
+        # Half the search budget for BD over the K-1 targets (<= 40 per pair), half for the walk.
         bd_queries = int(min(40, max(1, self.search_queries // (2 * (k - 1)))))
         bd = BoundaryDistance(max_directions=8, queries_per_pair=bd_queries)
         result = bd(oracle, x, y, x, y, ids=ids, return_points=True)

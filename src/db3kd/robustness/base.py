@@ -80,6 +80,7 @@ class Chunk:
     reference_x: torch.Tensor | ImageStore  # (M, C, H, W) all references (see `reference_rows`)
     index: torch.Tensor  # (P, J) candidate reference rows of class t, nearest first (-1: none)
     distance: torch.Tensor  # (P, J) their distances to x
+    own: torch.Tensor | None = None  # (P, J) reference rows of the sample's own class, nearest first (-1: none)
 
 
 class PairRun:
@@ -179,7 +180,8 @@ class Estimator:
             for start in range(0, len(pairs), batch):
                 rows = torch.arange(start, min(start + batch, len(pairs)))
                 ps, pt = pairs.sample[rows], pairs.target[rows]
-                self._search(oracle, Chunk(rows, xt[ps], pt, ref, index[ps, pt], dist[ps, pt]), run, state)
+                chunk = Chunk(rows, xt[ps], pt, ref, index[ps, pt], dist[ps, pt], index[ps, labels_t[ps]])
+                self._search(oracle, chunk, run, state)
         except BudgetExceededError as e:
             run.budget_exhausted, run.refused = True, e.requested
         result = self._end(run, state)

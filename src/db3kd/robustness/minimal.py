@@ -20,15 +20,25 @@ from .boundary import BoundaryDistance
 _BANK_SIZE = 4096
 _FIRST_GUESS = 0.85  # first bisection point, as a fraction of the previous distance
 _MAX_PCA_DIMENSIONS = 8192  # a (D, D) float64 covariance of 0.5 GB
+_MIN_PROBES = 8  # the last iteration of a pair may use fewer probes, down to this many
+_BISECT_ROOM = 4  # queries an iteration keeps for its step check and bisection
+_PROBE_BYTES = 64 << 20  # the probe images of the pairs estimating their normals at once, at most
 
 
 class MinimalBoundaryDistance(Estimator):
     """Minimal boundary distance (DB3KD's `MBD`): BD, then walk the best BD point along the boundary toward x.
 
-    Each iteration, at the current boundary point p (labelled t, at distance d from x):
-    1. probe `probes` random directions u, one query each at clip(p + delta d u); the labels give the sign
-       of the boundary's normal along each probe, and their baseline-corrected sum estimates the normal
-       (HopSkipJump's estimator). Probes are drawn in a low-dimensional subspace, where a few dozen probes
+    The walk starts from the best point of `bd` (by default BoundaryDistance(): 20 queries per pair). Each
+    iteration i = 0, 1, ..., at the current boundary point p (labelled t, at distance d from x):
+    1. probe `probes` * sqrt(i + 1) random directions u (HopSkipJump's schedule; `probes` each with
+       probe_growth=False), one query each at clip(p + delta d u); the labels give the sign of the boundary's
+       normal along each probe, and their baseline-corrected sum estimates the normal (HopSkipJump's
+       estimator). With `momentum` m > 0 the unit estimate n_i is g_i + m n_{i-1}, normalised: the point moves
+       little between iterations, so the previous probes still say much about the normal. On the MNIST
+       benchmark's 900 all-targets pairs at 500 queries, m = 0.5 took the median from 2.96 to 2.88 with 32
+       fixed probes, and 48 growing probes (fewer, better-aimed steps) to 2.78; fixed 16, 24 or 32 probes,
+       or a tolerance of 0.01 or 0.0025, did worse. An iteration that would not have room for all its
+       probes uses as many as are left (at least 8), so the budget is spent. Probes are drawn in a low-dimensional subspace, where a few dozen probes
        say much more: by default the leading `components` principal directions of the references (free:
        no queries; whitened, on MNIST better than a 10x10 grid, itself better than 7x7, 14x14 or pixels);
        an int draws them on a `subspace` x `subspace` grid upsampled bilinearly; None uses raw pixels.
@@ -51,7 +61,7 @@ class MinimalBoundaryDistance(Estimator):
     Args:
         queries_per_pair: queries per pair at most, BD included.
         checkpoints: queries per pair at which to record the best distance so far (each <= queries_per_pair).
-        probes: probes per normal estimate.
+        probes: probes of the first normal estimate (of every one with probe_growth=False).
         subspace: "pca", the side of a probe grid upsampled bilinearly to the image, or None (pixels).
         components: principal directions used with "pca" (fewer if the references span fewer).
         delta: probe radius as a fraction of d.
@@ -60,14 +70,16 @@ class MinimalBoundaryDistance(Estimator):
         max_halvings: most step halvings per iteration.
         bd: the BoundaryDistance that gives the start point (default settings if None).
         batch_pairs: pairs worked on at once; bounds memory.
+        momentum: weight of the previous normal estimate in the next (0: none).
+        probe_growth: grow the probes per estimate as sqrt(iteration + 1).
     """
 
     keeps_points = True  # the walk starts from the BD points
 
-    def __init__(self, queries_per_pair: int = 500, checkpoints=(250, 500), probes: int = 32,
+    def __init__(self, queries_per_pair: int = 500, checkpoints=(250, 500), probes: int = 48,
                  subspace: str | int | None = "pca", components: int = 70, delta: float = 0.1, step: float = 0.3,
                  tolerance: float = 0.005, max_halvings: int = 6, bd: BoundaryDistance | None = None,
-                 batch_pairs: int = 1024):
+                 batch_pairs: int = 1024, momentum: float = 0.5, probe_growth: bool = True):
         self.queries_per_pair = integer(queries_per_pair, "queries_per_pair", 1)
         self.checkpoints = tuple(integer(c, "each checkpoint", 1) for c in checkpoints)
         if (any(c > self.queries_per_pair for c in self.checkpoints)
@@ -87,6 +99,8 @@ class MinimalBoundaryDistance(Estimator):
         if not isinstance(self.bd, BoundaryDistance):
             raise ConfigError(f"bd must be a BoundaryDistance, got {type(self.bd).__name__}")
         self.batch_pairs = integer(batch_pairs, "batch_pairs", 1)
+        self.momentum = number(momentum, "momentum", 0, closed="low")
+        self.probe_growth = bool(probe_growth)
         self._bank_cache: tuple = (None, None)  # (key, bank): a grid or pixel bank does not depend on the references
 
     @property
@@ -146,14 +160,25 @@ class MinimalBoundaryDistance(Estimator):
         """HopSkipJump-style iterations from each pair's best BD point until its queries are spent."""
         rows = chunk.rows
         step = torch.full((len(rows),), self.step, dtype=torch.float64)
-        # Each iteration spends at least `probes` + 1 queries per active pair, which bounds the loop.
-        for iteration in range(self.queries_per_pair // (self.probes + 1) + 1):
-            # Needs room for the probes, one step check and a few bisection queries.
-            active = torch.isfinite(run.best[rows]) & (run.queries[rows] + self.probes + 4 <= self.queries_per_pair)
+        previous = torch.zeros_like(chunk.x)  # each pair's last normal estimate (momentum)
+        # Each iteration spends at least _MIN_PROBES + 1 queries per active pair, which bounds the loop.
+        drawn_so_far = 0  # bank rows each pair has used so far (its offset aside)
+        for iteration in range(self.queries_per_pair // (min(self.probes, _MIN_PROBES) + 1) + 1):
+            probes = self.probes_at(iteration)
+            # Needs room for the probes (fewer in the last iteration, never below _MIN_PROBES), one step
+            # check and a few bisection queries.
+            room = self.queries_per_pair - run.queries[rows] - _BISECT_ROOM
+            active = torch.isfinite(run.best[rows]) & (room >= min(probes, _MIN_PROBES))
             a = active.nonzero().flatten()
             if not len(a):
                 break
-            normal = self._estimate_normal(oracle, chunk, run, a, bank, offsets, iteration)
+            count = room[a].clamp(max=probes)
+            normal = self._estimate_normal(oracle, chunk, run, a, bank, offsets + drawn_so_far, probes, count)
+            drawn_so_far += probes
+            if self.momentum > 0:
+                normal = normal + self.momentum * previous[a]
+                normal = normal / normal.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+                previous[a] = normal
             candidate, ok = self._step(oracle, chunk, run, a, normal, step)
             step[a] = torch.where(ok, (step[a] * 1.5).clamp(max=1.0), step[a])
             self._record(at, run, rows[a])
@@ -162,12 +187,27 @@ class MinimalBoundaryDistance(Estimator):
             self._bisect(oracle, chunk, run, moved, candidate[ok], before)
             self._record(at, run, rows[a])
 
-    def _estimate_normal(self, oracle, chunk: Chunk, run: PairRun, a, bank, offsets, iteration) -> torch.Tensor:
-        """Unit estimate (R, C, H, W) of the boundary normal at each pair's point, toward class t."""
-        b = self.probes
+    def probes_at(self, iteration: int) -> int:
+        """Probes of an iteration: `probes`, times sqrt(iteration + 1) with `probe_growth`."""
+        if not self.probe_growth:
+            return self.probes
+        return int(round(self.probes * (iteration + 1) ** 0.5))
+
+    def _estimate_normal(self, oracle, chunk: Chunk, run: PairRun, a, bank, offsets, b, count) -> torch.Tensor:
+        """Unit estimate (R, C, H, W) of the boundary normal at each pair's point, toward class t, from
+        `count` (R,) probes each (at most `b`). Pairs are taken a block at a time, so that their probes stay
+        within _PROBE_BYTES."""
+        normal = torch.empty_like(chunk.x[a])
+        block = max(1, _PROBE_BYTES // (4 * b * chunk.x[0].numel()))
+        for start in range(0, len(a), block):
+            part = slice(start, start + block)
+            normal[part] = self._normal_block(oracle, chunk, run, a[part], bank, offsets, b, count[part])
+        return normal
+
+    def _normal_block(self, oracle, chunk: Chunk, run: PairRun, a, bank, offsets, b, count) -> torch.Tensor:
         rows, x = chunk.rows[a], chunk.x[a]
-        # Pair r uses bank rows offset_r + iteration * b + [0, b): fresh directions every iteration.
-        drawn = (offsets[a, None] + iteration * b + torch.arange(b)[None, :]) % _BANK_SIZE  # (R, B)
+        # Pair r uses bank rows offset_r + [0, count_r): the caller moves the offsets on every iteration.
+        drawn = (offsets[a, None] + torch.arange(b)[None, :]) % _BANK_SIZE  # (R, B)
         u = bank[drawn]  # (R, B, C, H, W)
         point = run.points[rows]  # (R, C, H, W)
         # Probes orthogonal to the current perturbation w = p - x: moving along w only rescales it, which the
@@ -180,13 +220,15 @@ class MinimalBoundaryDistance(Estimator):
         d = run.best[rows].to(torch.float32).view(-1, 1, 1, 1, 1)
         lo, hi = oracle.bounds
         probes = torch.clamp(point[:, None] + self.delta * d * u, lo, hi)  # (R, B, C, H, W)
-        is_t = run.ask(oracle, rows.repeat_interleave(b), probes.flatten(0, 1), x.repeat_interleave(b, dim=0),
-                       chunk.target[a].repeat_interleave(b))
-        sign = is_t.view(-1, b).to(torch.float32) * 2 - 1  # (R, B) +1 on the t side
-        mean = sign.mean(dim=1, keepdim=True)
+        used = torch.arange(b)[None, :] < count[:, None]  # (R, B): the last iteration may use fewer
+        r_index = torch.arange(len(a))[:, None].expand(-1, b)[used]
+        is_t = torch.zeros(len(a), b, dtype=torch.bool)
+        is_t[used] = run.ask(oracle, rows[r_index], probes[used], x[r_index], chunk.target[a][r_index])
+        sign = torch.where(used, is_t.to(torch.float32) * 2 - 1, 0.0)  # (R, B) +1 on the t side, 0 unused
+        mean = sign.sum(dim=1, keepdim=True) / count[:, None].clamp_min(1).to(torch.float32)
         # Baseline correction (HopSkipJump) unless all probes agree, when it would zero the estimate.
-        weight = torch.where(mean.abs() < 1, sign - mean, sign)
-        v = probes - point[:, None]  # what was actually sent, after clipping
+        weight = torch.where(used, torch.where(mean.abs() < 1, sign - mean, sign), 0.0)
+        v = probes.sub_(point[:, None])  # what was actually sent, after clipping (in place: no second copy)
         g = (weight.view(*weight.shape, 1, 1, 1) * v).sum(dim=1)  # (R, C, H, W)
         return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
