@@ -5,7 +5,8 @@ a data-based recipe (SD, BD, MBD with checkpoints, the CE and standard-KD baseli
 (synthesis, mixtures, BD) and the demo with short settings, and returns the SHA-256 of every result array and
 every student's accuracy, fidelity and teacher queries. `tests/data/same_results.json` holds the fingerprint
 of the code before the upper-layer refactor (the recipes pin the paper's training profile, so they still give
-it); the demo's part was remade when the default training profile became `auto`. `tests/test_same_results.py`
+it); the demo's part was remade when the default training profile became `auto`, and the whole reference when
+BD and MBD changed their search (issue 14: BD's `descent`, MBD's momentum), which changes every result. `tests/test_same_results.py`
 checks the code still gives it.
 
     .venv/bin/python tests/same_results.py --write    # regenerate the reference (only when results SHOULD change)
