@@ -365,3 +365,13 @@ def test_teacher_labelled_mixtures_of_real_images(digits_teacher, tmp_path):
     assert metrics("student-alone")["mixture_samples"] == metrics("standard-kd")["mixture_samples"] == 0
     report = write_report(tmp_path / "run")
     assert "train split, 120 images + 200 mixtures" in report and "plus 200 teacher-labelled mixtures" in report
+
+
+def test_a_soft_label_stage_is_hashed_on_its_estimator_with_every_default(digits_teacher):
+    recipe = parse_recipe(tiny_recipe(digits_teacher))
+    before = {s.name: s.hash for s in plan_stages(recipe)}
+    recipe.soft_labels["bd"].estimator.max_directions += 1  # as a new default of the estimator would
+    after = {s.name: s.hash for s in plan_stages(recipe)}
+    changed = {name for name in before if before[name] != after[name]}
+    assert "soft_labels/bd" in changed and "soft_labels/sd" not in changed
+    assert changed == {"soft_labels/bd"} | {n for n in before if n.startswith("students/bd-")}

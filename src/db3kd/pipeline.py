@@ -107,8 +107,9 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
     train = {k: v for k, v in dataclasses.asdict(recipe.students.train).items() if k != "seed"}  # seeds: per student
     loss = dataclasses.asdict(recipe.students.loss)
     for name, spec in recipe.soft_labels.items():
+        # The estimator with every default filled in: new defaults (a new search) give new results, not stale ones.
         config = {**data, "kind": "soft_labels", "method": spec.method, "params": spec.params, "seed": spec.seed,
-                  "shard_size": spec.shard_size, "subset": spec.subset}
+                  "shard_size": spec.shard_size, "subset": spec.subset, "estimator": repr(spec.estimator)}
         stages.append(Stage(f"soft_labels/{name}", "soft_labels", config, list(transfer_inputs)))
     students = recipe.students
     for name, spec in recipe.soft_labels.items():
