@@ -80,15 +80,20 @@ class TransferSet:
     def with_mixtures(self, images: np.ndarray, labels: np.ndarray, queries: int) -> TransferSet:
         """This set plus teacher-labelled mixtures, which have a hard label but no soft label (NaN logits, so
         the distillation loss gives them its cross-entropy term only; see `db3kd.losses.KDLoss`)."""
+        extended = self._with_hard_labels(images, labels)
+        return replace(extended, mixtures=self.mixtures + len(images),
+                       cost=replace(self.cost, mixtures=self.cost.mixtures + int(queries)))
+
+    def _with_hard_labels(self, images: np.ndarray, labels: np.ndarray) -> TransferSet:
+        """This set plus rows with a hard label only (NaN soft logits); the caller says what they are."""
         if images.shape[1:] != self.images.shape[1:] or len(images) != len(labels):
             raise DataError(f"expected images shaped {self.images.shape[1:]} with one label each, got {images.shape} "
                             f"and {len(labels)} labels")
         logits = self.logits
         if logits is not None:
             logits = np.concatenate([logits, np.full((len(images), logits.shape[1]), np.nan, dtype=np.float32)])
-        return replace(self, images=np.concatenate([self.images, images]), labels=np.concatenate([self.labels, labels]),
-                       logits=logits, mixtures=self.mixtures + len(images),
-                       cost=replace(self.cost, mixtures=self.cost.mixtures + int(queries)))
+        return replace(self, images=np.concatenate([self.images, images]),
+                       labels=np.concatenate([self.labels, labels.astype(np.int64)]), logits=logits)
 
     def description(self) -> dict:
         """What a student's metrics.json records about its transfer set (the report's transfer column)."""
@@ -183,7 +188,4 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
     rest = np.setdiff1d(np.arange(len(split_x)), arrays["indices"])
     if len(reference) != len(split_x):
         raise DataError(f"{directory}/reference_labels.npz labels {len(reference)} images, the split has {len(split_x)}")
-    return replace(transfer, images=np.concatenate([images, split_x[rest]]),
-                   labels=np.concatenate([labels, reference[rest].astype(np.int64)]),
-                   logits=np.concatenate([logits, np.full((len(rest), logits.shape[1]), np.nan, np.float32)]),
-                   hard_labelled=len(rest))
+    return replace(transfer._with_hard_labels(split_x[rest], reference[rest]), hard_labelled=len(rest))
