@@ -4,8 +4,11 @@ For each dataset (MNIST, Fashion-MNIST: the shared LeNet-5 teachers, `lenet5-hal
 real images available (all of the training split, or its first 2,000) and each budget Q, three strategies,
 each a `db3kd run` recipe of its own under --run-dir (cached: a rerun adds only what is missing):
 
-- budget: the recipe's `budget: Q` (db3kd.budget.plan_budget: labels, mixtures of the images, BD soft labels
-  on a subset with hard labels for the rest);
+- budget: the recipe's `budget: Q` with its defaults (db3kd.budget.plan_budget: labels, mixtures of the
+  images, student-guided BD soft labels on the images a selector student is least sure of, hard labels for the
+  rest);
+- budget-plain: the same plan with BD soft labels on the first images it can pay for, unguided (the plan
+  before selection and guides), to show what they buy;
 - ce-only: the teacher's top-1 labels of the first min(Q, N) images;
 - paper: the paper's recipe bought with Q: BD at 40 queries per pair on every pair of the first
   Q / (1 + 9 x 40) images (their labels included), nothing else.
@@ -38,6 +41,7 @@ SHARED = ROOT.parent / "shared"
 TEACHERS = {"mnist": SHARED / "teachers" / "lenet5_mnist.onnx",
             "fashion-mnist": SHARED / "teachers" / "lenet5_fmnist.onnx"}
 PAPER_QUERIES_PER_PAIR = 40
+STRATEGIES = {"budget": {}, "budget-plain": {"select": "first", "guide": False}}  # budget options of each plan
 RESULTS = ROOT / "benchmarks" / "results" / "budget_frontier.json"
 
 
@@ -46,8 +50,9 @@ def recipe(dataset: str, images: int, strategy: str, budget: int, seeds: list[in
     raw = {"name": f"{dataset}-{images}-{strategy}-{budget}", "teacher": str(TEACHERS[dataset]),
            "dataset": {"name": dataset, "data_dir": str(SHARED / "data")},
            "students": {"arch": ["lenet5-half"], "seeds": seeds}}
-    if strategy == "budget":
-        return {**raw, "transfer": {"split": "train", "subset": images}, "budget": {"queries": budget}}
+    if strategy in STRATEGIES:
+        return {**raw, "transfer": {"split": "train", "subset": images}, "budget": {"queries": budget,
+                                                                                  **STRATEGIES[strategy]}}
     if strategy == "ce-only":
         return {**raw, "transfer": {"split": "train", "subset": min(images, budget)}, "baselines": ["ce"]}
     subset = min(images, budget // (1 + 9 * PAPER_QUERIES_PER_PAIR))
@@ -94,8 +99,8 @@ def main() -> None:
                     if raw is None:
                         continue
                     point = run_point(raw, Path(args.run_dir) / raw["name"])
-                    if strategy == "budget":
-                        point["plan"] = plan_budget(BudgetSpec(budget), images, 10).to_dict()
+                    if strategy in STRATEGIES:
+                        point["plan"] = plan_budget(BudgetSpec(budget, **STRATEGIES[strategy]), images, 10).to_dict()
                     results["points"][raw["name"]] = {"dataset": dataset, "images": images, "strategy": strategy,
                                                       "budget": budget, "seeds": args.seeds, **point}
                     print(f"{raw['name']}: {point['mean_test_accuracy']:.4f} with {point['queries']:,} queries",
@@ -111,7 +116,8 @@ def plot(results: dict, dataset: str, path: Path) -> None:
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     points = [p for p in results["points"].values() if p["dataset"] == dataset]
-    for strategy, colour in zip(("budget", "ce-only", "paper"), ("tab:red", "tab:blue", "tab:green")):
+    for strategy, colour in zip(("budget", "budget-plain", "ce-only", "paper"),
+                                ("tab:red", "tab:orange", "tab:blue", "tab:green")):
         for images, style in zip(sorted({p["images"] for p in points}, reverse=True), ("o-", "s--")):
             line = sorted((p["queries"], 100 * p["mean_test_accuracy"]) for p in points
                           if p["strategy"] == strategy and p["images"] == images)

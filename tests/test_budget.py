@@ -51,8 +51,9 @@ def test_a_budgeted_run_spends_within_its_budget_and_records_the_plan(digits_tea
     assert student["teacher_queries"]["total"] == budget["spent_total"]
     from db3kd.report import write_report
 
-    assert (f"3,000 teacher queries planned as: labels for 1,438 images, 842 mixtures of them, BD soft labels for 4 "
-            f"of them at <= 20 queries per pair (at most 3,000 in all). Spent: `mixtures` 842, `soft_labels/budget` "
+    assert (f"3,000 teacher queries planned as: labels for 1,438 images, 842 mixtures of them, BD soft labels for the 4 "
+            f"of them a selector student is least sure of, toward every other class, at <= 20 queries per pair (at "
+            f"most 3,000 in all). Spent: `mixtures` 842, `soft_labels/budget` "
             f"{budget['spent_total'] - 842:,}; {budget['spent_total']:,} in all, within the budget.") in write_report(tmp_path / "run")
     # The resolved recipe holds the plan and reads back as the same stages: a rerun does nothing.
     again = load_recipe(tmp_path / "run" / "recipe.resolved.yaml")
@@ -86,6 +87,7 @@ def test_db3kd_run_takes_a_budget_on_the_command_line(digits_teacher, tmp_path, 
     path = write_recipe(tmp_path / "r.yaml", raw)
     assert main(["run", str(path), "--budget", "700", "--out", str(tmp_path / "run"), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "budget 700 queries: 700 labels, 0 mixtures, soft labels for 0 images" in out
+    assert ("700 teacher queries planned as: labels for 700 images, 0 mixtures of them, no soft labels (at most 700 "
+            "in all); spent 700") in out
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["budget"]["spent"] == {"students/ce-lenet5-fifth-seed0": 700} and run["budget"]["within_budget"]

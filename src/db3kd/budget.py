@@ -17,9 +17,10 @@ recipe and, with what each stage actually spent, in RUN_DIR/run.json.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from .checks import integer, number
+from .errors import ConfigError
 
 
 @dataclass
@@ -31,18 +32,33 @@ class BudgetSpec:
         queries_per_pair: BD's cap per (image, class) pair.
         mixture_share: the share of what is left after the labels that goes to mixtures.
         max_mixtures_per_image: most mixtures per real image.
+        select: which images get soft labels when not all can: "uncertain" (those a selector student trained on
+            the labels is least sure of) or "first".
+        classes_per_image: search only the selector's most plausible other classes of each image (None: all).
+        guide: BD searches the selector's adversarial direction toward each class first.
     """
 
     queries: int
     queries_per_pair: int = 20
     mixture_share: float = 0.5
     max_mixtures_per_image: int = 20
+    select: str = "uncertain"
+    classes_per_image: int | None = None
+    guide: bool = True
 
     def __post_init__(self):
+        from .jobs.selection import SELECTIONS
+
         integer(self.queries, "queries", 1)
         integer(self.queries_per_pair, "queries_per_pair", 1)
         number(self.mixture_share, "mixture_share", 0, 1, closed="low")
         integer(self.max_mixtures_per_image, "max_mixtures_per_image", 0)
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.classes_per_image is not None:
+            integer(self.classes_per_image, "classes_per_image", 1)
+        if not isinstance(self.guide, bool):
+            raise ConfigError(f"guide must be true or false, got {self.guide!r}")
 
 
 @dataclass(frozen=True)
@@ -56,13 +72,37 @@ class BudgetPlan:
     soft_labelled: int
     queries_per_pair: int
     classes: int
+    classes_per_image: int | None = None  # classes searched per soft-labelled image (None: every other class)
+    select: str = "first"  # which images get soft labels when not all do (db3kd.jobs.selection)
+    guide: bool = False  # BD searches a selector student's adversarial directions first
 
     @property
     def at_most(self) -> int:
-        return self.labelled + self.mixtures + self.soft_labelled * (self.classes - 1) * self.queries_per_pair
+        return self.labelled + self.mixtures + self.soft_labelled * self.pair_cost
+
+    @property
+    def pair_cost(self) -> int:
+        """The most a soft-labelled image costs."""
+        return (self.classes_per_image or self.classes - 1) * self.queries_per_pair
 
     def to_dict(self) -> dict:
         return {**asdict(self), "at_most": self.at_most}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BudgetPlan:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+    def describe(self) -> str:
+        """The plan in words, e.g. for `db3kd run` and the report."""
+        which = {"first": "the first", "uncertain": "the"}[self.select]
+        chosen = " a selector student is least sure of" if self.select == "uncertain" else ""
+        toward = f"toward the {self.classes_per_image} most plausible other classes" if self.classes_per_image \
+            else "toward every other class"
+        guided = " (the selector's adversarial directions first)" if self.guide else ""
+        soft = (f", BD soft labels for {which} {self.soft_labelled:,} of them{chosen}, {toward}, at <= "
+                f"{self.queries_per_pair} queries per pair{guided}") if self.soft_labelled else ", no soft labels"
+        return (f"{self.budget:,} teacher queries planned as: labels for {self.labelled:,} images, {self.mixtures:,} "
+                f"mixtures of them{soft} (at most {self.at_most:,} in all)")
 
 
 def plan_budget(spec: BudgetSpec, images: int, classes: int) -> BudgetPlan:
@@ -70,9 +110,14 @@ def plan_budget(spec: BudgetSpec, images: int, classes: int) -> BudgetPlan:
     integer(images, "images", 1)
     q, labelled = spec.queries, min(images, spec.queries)
     left = q - labelled
-    pair_cost = (classes - 1) * spec.queries_per_pair
+    if spec.classes_per_image is not None and spec.classes_per_image >= classes:
+        raise ConfigError(f"classes_per_image must be at most {classes - 1} (the other classes), got "
+                          f"{spec.classes_per_image}")
+    pair_cost = (spec.classes_per_image or classes - 1) * spec.queries_per_pair
     mixtures = min(int(left * spec.mixture_share), spec.max_mixtures_per_image * labelled)
     soft = min(labelled, (left - mixtures) // pair_cost)
     # What the soft labels cannot use (too few images) goes to mixtures, up to their cap.
     mixtures = min(left - soft * pair_cost, spec.max_mixtures_per_image * labelled)
-    return BudgetPlan(q, labelled, mixtures, soft, spec.queries_per_pair, classes)
+    select = spec.select if 0 < soft < labelled else "first"
+    return BudgetPlan(q, labelled, mixtures, soft, spec.queries_per_pair, classes, spec.classes_per_image, select,
+                      spec.guide and soft > 0)

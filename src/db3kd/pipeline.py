@@ -110,6 +110,9 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
         # The estimator with every default filled in: new defaults (a new search) give new results, not stale ones.
         config = {**data, "kind": "soft_labels", "method": spec.method, "params": spec.params, "seed": spec.seed,
                   "shard_size": spec.shard_size, "subset": spec.subset, "estimator": repr(spec.estimator)}
+        if spec.uses_selector:  # the pairs or the search depend on the selector student too
+            config.update(select=spec.select, classes_per_image=spec.classes_per_image, guide=spec.guide,
+                          selector={"arch": recipe.students.arch[0], "train": train, "seed": spec.seed})
         stages.append(Stage(f"soft_labels/{name}", "soft_labels", config, list(transfer_inputs)))
     students = recipe.students
     for name, spec in recipe.soft_labels.items():
@@ -395,11 +398,39 @@ def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
         # into soft_labels.npz, since no dataset holds them.
         run_info.update(split="pseudo", pseudo=SYNTHESIZE, pseudo_sha256=digest(*ctx.pseudo[:2]))
         pseudo = {"reference_y": ctx.pseudo[1], "store_images": True, "synthesis_queries": ctx.synthesis_queries()}
+    indices, selected = np.arange(spec.subset or len(x)), {}
+    if spec.uses_selector:
+        indices, selected = _select_pairs(ctx, stage, out, x, pseudo.get("reference_y"))
     with ctx.teacher.thread_policy():
-        manifest = compute_soft_labels(ctx.oracle, x, np.arange(spec.subset or len(x)), spec, out, run_info,
-                                       progress=ctx.progress, executor=ctx.executor, **pseudo)
+        manifest = compute_soft_labels(ctx.oracle, x, indices, spec, out, run_info, progress=ctx.progress,
+                                       executor=ctx.executor, **selected, **pseudo)
+    accuracy = {} if not spec.uses_selector else {"selector_test_accuracy": json.loads(
+        (out / "selector" / "metrics.json").read_text())["test_accuracy"]}
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0},
-            "soft_label_seconds": manifest["seconds"]}
+            "soft_label_seconds": manifest["seconds"], **accuracy}
+
+
+def _select_pairs(ctx: _Context, stage: Stage, out: Path, x, reference_y) -> tuple[np.ndarray, dict]:
+    """The images a soft-label stage with a selector searches from, and `compute_soft_labels`'s `targets` and
+    `guide` (`db3kd.jobs.selection`): the selector is a student trained on the teacher's labels of the transfer
+    images (the references' labels, asked here if not yet)."""
+    from .jobs.selection import select_pairs, selector_probabilities
+    from .jobs.soft_labels import reference_labels
+    from .training import TrainConfig
+
+    spec = ctx.recipe.soft_labels[stage.name.split("/", 1)[1]]
+    if reference_y is None:
+        with ctx.teacher.thread_policy():
+            reference_y, _ = reference_labels(out, ctx.oracle, x)
+    selector = stage.config["selector"]
+    config = TrainConfig(**selector["train"], seed=selector["seed"])
+    # Its labels: bought by this stage's reference labelling, or with the pseudo samples (zero-shot).
+    cost = TransferCost(synthesis=ctx.synthesis_queries()) if ctx.recipe.transfer.zero_shot else \
+        TransferCost(labels=len(x))
+    model, probs = selector_probabilities(out / "selector", selector["arch"], ctx.info, np.asarray(x), reference_y,
+                                          cost, config, ctx.test, ctx.progress)
+    indices, targets = select_pairs(reference_y, spec.subset or len(x), spec.select, spec.classes_per_image, probs)
+    return indices, {"targets": targets, "guide": model if spec.guide else None}
 
 
 def _distill_stage(ctx: _Context, stage: Stage, out: Path) -> dict:

@@ -133,14 +133,36 @@ class SoftLabelStageSpec(SoftLabelConfig):
     # Students also train on the transfer images outside `subset`, with the teacher's labels that labelling the
     # references already paid for (no further query): soft labels where bought, hard labels elsewhere.
     hard_labels_for_rest: bool = False
+    # Which `subset` images get soft labels ("first", or "uncertain": those a selector student of the hard labels
+    # separates least surely), and toward how many classes each (the selector's most plausible; the others get
+    # their sample distance, free). See `db3kd.jobs.selection`.
+    select: str = "first"
+    classes_per_image: int | None = None
+    guide: bool = False  # BD / MBD search the selector's adversarial direction toward each class first
+
 
     def __post_init__(self):
         super().__post_init__()  # the estimator checks its own parameters (names and values)
+        from .jobs.selection import SELECTIONS
+
+        _expect(self.select in SELECTIONS, "select", " or ".join(SELECTIONS), self.select)
+        _expect(self.select == "first" or self.subset is not None, "select",
+                "first unless subset is given (without one, every image is chosen)", self.select)
+        _expect(self.classes_per_image is None or (isinstance(self.classes_per_image, int)
+                                                   and self.classes_per_image > 0),
+                "classes_per_image", "a positive integer or null", self.classes_per_image)
+        _expect(isinstance(self.guide, bool) and (not self.guide or self.method != "sd"), "guide",
+                "false with sd (it searches nothing), else true or false", self.guide)
         _expect(self.subset is None or self.subset > 0, "subset", "a positive integer or null", self.subset)
         _expect(not self.checkpoint_students or self.method == "mbd", "checkpoint_students",
                 "false unless method is mbd (only mbd records checkpoints)", self.checkpoint_students)
         _expect(not self.hard_labels_for_rest or self.subset is not None, "hard_labels_for_rest",
                 "false unless subset is given (without one, there is no rest)", self.hard_labels_for_rest)
+
+    @property
+    def uses_selector(self) -> bool:
+        """Whether a selector student chooses the pairs or guides the search (`db3kd.jobs.selection`)."""
+        return self.select != "first" or self.classes_per_image is not None or self.guide
 
     def checkpoints(self) -> list[int]:
         """Queries per pair at which students are also trained (checkpoints below the stage's own), if asked."""
@@ -204,6 +226,12 @@ class Recipe:
             _expect(spec.subset is None or size is None or spec.subset <= size,
                     f"soft_labels.{stage}.subset", f"at most {name} = {size}", spec.subset)
         for stage, spec in self.soft_labels.items():
+            if spec.classes_per_image is not None and not self.dataset.own:  # a path's classes: known later
+                from .data import dataset_info
+
+                others = dataset_info(self.dataset.name).num_classes - 1
+                _expect(spec.classes_per_image <= others, f"soft_labels.{stage}.classes_per_image",
+                        f"at most {others} (the other classes)", spec.classes_per_image)
             _expect(not (spec.hard_labels_for_rest and self.transfer.zero_shot), f"soft_labels.{stage}.hard_labels_for_rest",
                     "false with zero-shot transfer (the pseudo samples outside the subset are not kept)", True)
         _expect("student-alone" not in self.baselines or not self.transfer.zero_shot, "baselines",
@@ -231,7 +259,8 @@ class Recipe:
         plan = plan_budget(self.budget, available, classes)
         soft = {} if not plan.soft_labelled else {BUDGET_STAGE: SoftLabelStageSpec(
             method="bd", params={"queries_per_pair": plan.queries_per_pair}, subset=plan.soft_labelled,
-            hard_labels_for_rest=plan.soft_labelled < plan.labelled)}
+            hard_labels_for_rest=plan.soft_labelled < plan.labelled, select=plan.select,
+            classes_per_image=plan.classes_per_image, guide=plan.guide)}
         mixtures = MixtureConfig(count=plan.mixtures) if plan.mixtures else None
         if self.soft_labels or self.transfer.mixtures is not None:  # a resolved recipe: the same plan, or an edit
             _expect(self.soft_labels == soft and self.transfer.mixtures == mixtures

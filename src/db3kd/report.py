@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .budget import BudgetPlan
 from .errors import DataError
 from .io import write_text
 from .pipeline import MIXTURES, RESOLVED_RECIPE, SYNTHESIZE, Stage, plan_stages, read_stage, superseded
@@ -109,9 +110,7 @@ def _budget_lines(run_dir: Path) -> list[str]:
         return ["## Budget", "", "_Not run yet: no run.json with the budget's spending._", ""]
     spent = ", ".join(f"`{name}` {queries:,}" for name, queries in budget["spent"].items()) or "nothing yet"
     return ["## Budget", "",
-            f"{budget['budget']:,} teacher queries planned as: labels for {budget['labelled']:,} images, "
-            f"{budget['mixtures']:,} mixtures of them, BD soft labels for {budget['soft_labelled']:,} of them at "
-            f"<= {budget['queries_per_pair']} queries per pair (at most {budget['at_most']:,} in all). Spent: {spent}; "
+            f"{BudgetPlan.from_dict(budget).describe()}. Spent: {spent}; "
             f"{budget['spent_total']:,} in all, {'within' if budget['within_budget'] else 'OVER'} the budget.", ""]
 
 
@@ -146,6 +145,11 @@ def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[
             missing.append((stage.name, "not run"))
         elif state.get("status") != "done":
             missing.append((stage.name, f"unfinished ({state.get('status')})"))
+        elif stage.kind == "soft_labels" and (run_dir / stage.name / "selector" / "metrics.json").is_file():
+            # The student that chose the pairs: CE on the teacher's labels the stage bought, a point of the frontier.
+            metrics = json.loads((run_dir / stage.name / "selector" / "metrics.json").read_text())
+            results.append({"label": f"ce (selector of {stage.name.split('/', 1)[1]})", "kind": "ce",
+                            "arch": metrics["arch"], **metrics})
         elif stage.kind not in ("soft_labels", "synthesize", "mixtures"):
             try:
                 metrics = json.loads((run_dir / stage.name / "metrics.json").read_text())

@@ -138,14 +138,23 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-@torch.inference_mode()
 def predict(model: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 1000) -> np.ndarray:
     """Arg-max predictions of a (white-box, our own) model over a dataset, in batches."""
+    return _batched(model, x, batch_size, lambda logits: logits.argmax(dim=1), np.zeros(0, dtype=np.int64))
+
+
+def probabilities(model: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_size: int = 1000) -> np.ndarray:
+    """(N, K) softmax outputs of a (white-box, our own) model over a dataset, in batches."""
+    return _batched(model, x, batch_size, lambda logits: logits.softmax(dim=1), np.zeros((0, 0), dtype=np.float32))
+
+
+@torch.inference_mode()
+def _batched(model: torch.nn.Module, x, batch_size: int, head, empty: np.ndarray) -> np.ndarray:
     model.eval()
     device = next(model.parameters()).device
     x = torch.as_tensor(x)
-    out = [model(x[i:i + batch_size].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+    out = [head(model(x[i:i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else empty
 
 
 def accuracy(model: torch.nn.Module, x, y, batch_size: int = 1000) -> float:

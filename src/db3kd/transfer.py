@@ -143,7 +143,8 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
     manifest names, at the stored indices. With `checkpoint` (mbd), the soft labels are those of the distances
     reached after that many queries per pair, and the cost what they had cost by then. With
     `hard_labels_for_rest`, the split's other images join the set with the teacher's labels that the run's
-    reference labelling already paid for (a hard label only: NaN logits, the loss's cross-entropy term).
+    reference labelling already paid for (a hard label only: NaN logits, the loss's cross-entropy term): the
+    whole split, or the first images of it that were the references.
     """
     directory = Path(directory)
     remedy = f"expected the output directory of `db3kd soft-labels --out {directory}`; rerun it to remake them"
@@ -184,8 +185,9 @@ def load_transfer_set(directory: str | os.PathLike, data_dir: str | os.PathLike 
     transfer = TransferSet(images, labels, logits, cost, source, queries_per_pair=queries_per_pair, manifest=manifest)
     if not hard_labels_for_rest:
         return transfer
+    # The references are the split, or its first images (a recipe's transfer.subset): the rest is among them.
     reference = load_npz(directory / "reference_labels.npz", remedy)["labels"]
-    rest = np.setdiff1d(np.arange(len(split_x)), arrays["indices"])
-    if len(reference) != len(split_x):
+    rest = np.setdiff1d(np.arange(len(reference)), arrays["indices"])
+    if len(reference) > len(split_x):
         raise DataError(f"{directory}/reference_labels.npz labels {len(reference)} images, the split has {len(split_x)}")
     return replace(transfer._with_hard_labels(split_x[rest], reference[rest]), hard_labelled=len(rest))

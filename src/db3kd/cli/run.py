@@ -46,9 +46,7 @@ def run(args) -> int:
         from pathlib import Path
 
         spent = json.loads((Path(run_dir) / "run.json").read_text())["budget"]
-        plan = recipe.budget_plan
-        print(f"budget {plan.budget:,} queries: {plan.labelled:,} labels, {plan.mixtures:,} mixtures, soft labels for "
-              f"{plan.soft_labelled:,} images at <= {plan.queries_per_pair} per pair; spent {spent['spent_total']:,}")
+        print(f"{recipe.budget_plan.describe()}; spent {spent['spent_total']:,}")
     if args.report:
         from ..report import write_report
 

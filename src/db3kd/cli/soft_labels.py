@@ -26,6 +26,10 @@ def register(subparsers) -> None:
     parser.add_argument("--queries-per-pair", type=int, metavar="Q", help="queries per (sample, target) pair at most")
     parser.add_argument("--checkpoints", metavar="Q1,Q2,...",
                         help="mbd: also record the distance reached at these queries per pair, e.g. 250,500,1000")
+    parser.add_argument("--guide", metavar="MODEL.pt",
+                        help="bd, mbd: a student of this teacher (e.g. `db3kd train-student --out DIR`'s DIR/model.pt) "
+                             "whose adversarial direction toward each class is searched first: nearer boundaries for "
+                             "the same queries (its gradients are ours; the teacher still answers labels only)")
     add_budget_arg(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
@@ -72,6 +76,13 @@ def run(args) -> int:
     if (args.dataset is None) == (args.pseudo is None):
         raise ConfigError("expected exactly one of --dataset (real samples) or --pseudo DIR (synthesized samples), "
                           f"got {'both' if args.dataset else 'neither'}")
+    guide = None
+    if args.guide:
+        if args.method == "sd":
+            raise ConfigError("--guide applies to --method bd or mbd (sd searches nothing)")
+        from ..checkpoint import load_checkpoint
+
+        guide = load_checkpoint(args.guide)[0]
     pseudo = {}
     teacher = teacher_spec(args)
     oracle = open_oracle(teacher, budget=args.budget)
@@ -94,7 +105,8 @@ def run(args) -> int:
     else:
         indices = check_indices(np.arange(len(x)), len(x))
     with teacher.thread_policy():
-        manifest = compute_soft_labels(oracle, x, indices, config, args.out, run_info, executor=executor, **pseudo)
+        manifest = compute_soft_labels(oracle, x, indices, config, args.out, run_info, executor=executor,
+                                       guide=guide, **pseudo)
     median = "none found" if manifest["median_distance"] is None else f"{manifest['median_distance']:.3f}"
     print(f"{manifest['method']} soft labels for {manifest['num_samples']} samples: median distance "
           f"{median}, {manifest['queries_per_pair']:.1f} queries per pair, "

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..checks import integer
 from ..data.images import ImageStore
@@ -23,7 +24,8 @@ from ..executors import ATTEMPTS_FILE, AttemptLog, Executor
 from ..executors.base import describe
 from ..io import load_npz, save_npz
 from ..oracle import LabelOracle
-from ..robustness import ESTIMATORS, distances_to_logits, estimator_from_name
+from ..robustness import ESTIMATORS, SampleDistance, distances_to_logits, estimator_from_name
+from ..robustness.guide import check_guide
 from .runner import ShardedJob, run_job
 
 RESULTS = "soft_labels.npz"
@@ -99,6 +101,9 @@ class SoftLabelJob(ShardedJob):
     config: SoftLabelConfig
     x: np.ndarray = field(repr=False)  # the whole split: the references
     indices: np.ndarray = field(repr=False)  # which samples of x get soft labels
+    # (len(indices), K) the pairs to search; the others get their sample distance (SD), free. None: every pair.
+    targets: np.ndarray | None = field(default=None, repr=False)
+    guide: torch.nn.Module | None = field(default=None, repr=False)  # a student guiding BD (robustness.guide)
     reference_labels: np.ndarray | None = field(default=None, repr=False)
     store_images: bool = False  # also store x[indices] (pseudo samples, which no dataset holds)
     synthesis_queries: int = 0  # what made x (pseudo samples): recorded for the transfer set's cost
@@ -115,7 +120,10 @@ class SoftLabelJob(ShardedJob):
         c = self.config
         return {"method": c.method, "params": c.params, "seed": c.seed, "shard_size": c.shard_size,
                 "save_points": c.save_points, "num_samples": len(self.indices),
-                "indices_sha256": digest(self.indices.astype(np.int64)), "split_size": len(self.x)}
+                "indices_sha256": digest(self.indices.astype(np.int64)), "split_size": len(self.x),
+                **({} if self.targets is None else {"targets_sha256": digest(self.targets)}),
+                **({} if self.guide is None else {"guide_sha256": digest(*(t.detach().cpu().numpy()
+                                                                           for t in self.guide.state_dict().values()))})}
 
     def prepare(self, oracle: LabelOracle, out: Path) -> None:
         self.out = str(out)
@@ -123,17 +131,32 @@ class SoftLabelJob(ShardedJob):
             self.reference_labels, self.prepaid_queries = reference_labels(out, oracle, self.x)
 
     def chunk(self, shard: int) -> np.ndarray:
-        return self.indices[shard * self.config.shard_size:(shard + 1) * self.config.shard_size]
+        return self.indices[self._rows(shard)]
+
+    def _rows(self, shard: int) -> slice:
+        return slice(shard * self.config.shard_size, (shard + 1) * self.config.shard_size)
 
     def shard_sizes(self) -> list[int]:
         n = -(-len(self.indices) // self.config.shard_size)
+        if self.targets is not None:  # own-class pairs are never searched, whatever the mask says
+            own = np.zeros_like(self.targets)
+            own[np.arange(len(own)), self.reference_labels[self.indices]] = True
+            return [int((self.targets[self._rows(s)] & ~own[self._rows(s)]).sum()) for s in range(n)]
         return [len(self.chunk(s)) * (self.num_classes - 1) for s in range(n)]
 
     def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
         idx = self.chunk(shard)
         y = self.reference_labels
-        result = self.config.estimator(oracle, self.x[idx], y[idx], self.x, y, seed=self.config.seed,
-                                       return_points=self.config.save_points)
+        targets = None if self.targets is None else self.targets[self._rows(shard)]
+        result = self.config.estimator(oracle, self.x[idx], y[idx], self.x, y, targets=targets, seed=self.config.seed,
+                                       return_points=self.config.save_points, guide=self.guide)
+        if targets is not None:
+            # A pair not searched gets its sample distance: an upper bound of the boundary distance, which the
+            # reference labels already paid for (no query).
+            free = SampleDistance()(oracle, self.x[idx], y[idx], self.x, y).distances
+            result.distances = np.where(targets, result.distances, free)
+            if result.distances_at is not None:
+                result.distances_at = np.where(targets[None], result.distances_at, free[None])
         if result.budget_exhausted:
             raise BudgetExceededError(oracle.queries, oracle.budget, result.refused, advice=(
                 f"It ran out during shard {shard}; finished shards are kept in {self.out}: rerun the same command "
@@ -209,16 +232,24 @@ def _two_classes(labels: np.ndarray, oracle: LabelOracle) -> np.ndarray:
 def compute_soft_labels(oracle: LabelOracle, x: np.ndarray, indices: np.ndarray, config: SoftLabelConfig,
                         out_dir: str | os.PathLike, run_info: dict, progress: bool = True,
                         reference_y: np.ndarray | None = None, store_images: bool = False,
-                        synthesis_queries: int = 0, executor: Executor | None = None) -> dict:
+                        synthesis_queries: int = 0, executor: Executor | None = None,
+                        targets: np.ndarray | None = None, guide: torch.nn.Module | None = None) -> dict:
     """Distances and soft labels for `x[indices]`, with `x` (the whole split) as the reference samples, into
     `out_dir` (soft_labels.npz, manifest.json; resumed from its shards). Returns the manifest.
 
     `oracle`'s budget caps the run; `run_info` (teacher, dataset, split) goes into the fingerprint and the
     manifest. For pseudo samples, `reference_y` are their labels (asked during synthesis: none are asked
     again), `store_images` keeps the images in soft_labels.npz and `synthesis_queries` records what made them.
-    `executor` (`db3kd.executors`) computes the shards, here by default.
+    `executor` (`db3kd.executors`) computes the shards, here by default. `targets`, a (len(indices), K) boolean
+    mask, limits the search to those pairs; the others get their sample distance (SD: no query). `guide`, a
+    student of the teacher, gives BD and MBD its adversarial directions to search first.
     """
-    job = SoftLabelJob(config, x, indices, None if reference_y is None else np.asarray(reference_y, dtype=np.int64),
+    if guide is not None:  # before any query
+        check_guide(guide, tuple(oracle.input_shape), oracle.num_classes)
+    if targets is not None and np.shape(targets) != (len(indices), oracle.num_classes):
+        raise ConfigError(f"expected targets as a ({len(indices)}, {oracle.num_classes}) mask, got {np.shape(targets)}")
+    job = SoftLabelJob(config, x, indices, None if targets is None else np.asarray(targets, dtype=bool),
+                       guide, None if reference_y is None else np.asarray(reference_y, dtype=np.int64),
                        store_images, synthesis_queries, oracle.num_classes)
     info = {**run_info, "teacher_input_shape": list(oracle.input_shape), "num_classes": oracle.num_classes}
     return run_job(job, oracle, out_dir, info, executor, progress)

@@ -16,6 +16,7 @@ import torch
 
 from ..data.images import ImageStore
 from ..errors import BudgetExceededError, InputError
+from .guide import check_guide
 
 # Rows of the (sample, reference) distance matrix computed at once: 256 x 60000 float32 is 60 MiB.
 _DISTANCE_CHUNK = 256
@@ -81,6 +82,7 @@ class Chunk:
     index: torch.Tensor  # (P, J) candidate reference rows of class t, nearest first (-1: none)
     distance: torch.Tensor  # (P, J) their distances to x
     own: torch.Tensor | None = None  # (P, J) reference rows of the sample's own class, nearest first (-1: none)
+    guide: torch.nn.Module | None = None  # a student whose adversarial direction is searched first (guide.py)
 
 
 class PairRun:
@@ -135,7 +137,8 @@ class Estimator:
     keeps_points = False  # the search itself needs the points (MBD walks from them)
 
     def __call__(self, oracle: LabelQueries, x, labels, reference_x, reference_y, targets=None, *,
-                 ids=None, seed: int = 0, return_points: bool = False) -> RobustnessResult:
+                 ids=None, seed: int = 0, return_points: bool = False,
+                 guide: torch.nn.Module | None = None) -> RobustnessResult:
         """Distances (N, K) from each sample of `x` to each class region (inf for its own class).
 
         Args:
@@ -143,13 +146,16 @@ class Estimator:
             x: (N, C, H, W) float32 samples; `labels` (N,) their class c (the teacher's label).
             reference_x, reference_y: (M, C, H, W) reference samples and their teacher labels, the candidate
                 directions (a sample is never its own direction).
-            targets: the classes to estimate (default all but each sample's own).
+            targets: the classes to estimate (default all but each sample's own): a list of classes for every
+                sample, or an (N, K) boolean mask of the pairs wanted per sample.
             ids: (N,) oracle ids of the samples: each query is then sent with its sample's id (so the oracle
                 counts per sample); by default with its pair's id `i * K + t`, so that on a fresh oracle
                 `oracle.queries_for(i * K + t)` equals `result.queries[i, t]`.
             seed: seeds the random draws of randomised estimators (a pair's draws depend on the seed, its
                 sample's pixels and its target, never on its batch).
             return_points: also return the point behind each distance.
+            guide: one of our own models imitating the teacher (a student, never the teacher): BD and MBD search
+                its adversarial direction toward t first (`db3kd.robustness.guide`). SD ignores it.
 
         If the oracle's budget runs out, the search stops there and the result (flagged
         `budget_exhausted`) keeps what was found.
@@ -164,6 +170,8 @@ class Estimator:
                              f"got {tuple(ref.shape)}")
         ref_y = as_labels(reference_y, len(ref), k, "reference_y")
         pairs = make_pairs(labels_t, k, targets)
+        if guide is not None:
+            check_guide(guide, tuple(oracle.input_shape), k)
         index, dist = nearest_by_class(xt, ref, ref_y, k, self.directions)
         if ids is None:
             pair_ids = pairs.sample * k + pairs.target
@@ -180,7 +188,7 @@ class Estimator:
             for start in range(0, len(pairs), batch):
                 rows = torch.arange(start, min(start + batch, len(pairs)))
                 ps, pt = pairs.sample[rows], pairs.target[rows]
-                chunk = Chunk(rows, xt[ps], pt, ref, index[ps, pt], dist[ps, pt], index[ps, labels_t[ps]])
+                chunk = Chunk(rows, xt[ps], pt, ref, index[ps, pt], dist[ps, pt], index[ps, labels_t[ps]], guide)
                 self._search(oracle, chunk, run, state)
         except BudgetExceededError as e:
             run.budget_exhausted, run.refused = True, e.requested
@@ -234,16 +242,22 @@ def as_labels(y, n: int, num_classes: int, name: str) -> torch.Tensor:
 
 
 def make_pairs(labels: torch.Tensor, num_classes: int, targets) -> Pairs:
-    """Every (i, t) with t in `targets` (default: all classes) and t != labels[i]."""
+    """Every (i, t) with t != labels[i] and t in `targets`: default all classes, else a list of classes for every
+    sample or an (N, K) boolean mask of the pairs wanted."""
+    n = len(labels)
     if targets is None:
-        wanted = torch.ones(num_classes, dtype=torch.bool)
+        wanted = torch.ones(1, num_classes, dtype=torch.bool)
+    elif np.asarray(targets).dtype == bool:
+        wanted = torch.as_tensor(np.asarray(targets))
+        if wanted.shape != (n, num_classes):
+            raise InputError(f"expected a targets mask of shape ({n}, {num_classes}), got {tuple(wanted.shape)}")
     else:
         t = np.asarray(targets).reshape(-1)
         if not np.issubdtype(t.dtype, np.integer) or (t.size and (t.min() < 0 or t.max() >= num_classes)):
             raise InputError(f"expected targets as classes in [0, {num_classes}), got {targets!r}")
-        wanted = torch.zeros(num_classes, dtype=torch.bool)
-        wanted[torch.from_numpy(t.astype(np.int64))] = True
-    mask = wanted[None, :] & (torch.arange(num_classes)[None, :] != labels[:, None])  # (N, K)
+        wanted = torch.zeros(1, num_classes, dtype=torch.bool)
+        wanted[0, torch.from_numpy(t.astype(np.int64))] = True
+    mask = wanted & (torch.arange(num_classes)[None, :] != labels[:, None])  # (N, K)
     sample, target = mask.nonzero(as_tuple=True)
     return Pairs(sample, target, num_classes)
 

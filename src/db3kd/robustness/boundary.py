@@ -6,6 +6,7 @@ import torch
 
 from ..checks import choice, integer, number
 from .base import Chunk, Estimator, LabelQueries, PairRun, reference_rows, segment_points
+from .guide import guided_points
 
 # The "descent" search (see BoundaryDistance). Chosen on the MNIST benchmark (LeNet-5 teacher, references
 # the training set) by simulating the search on exact crossing distances of 1,800 pairs, then measured.
@@ -203,9 +204,19 @@ class BoundaryDistance(Estimator):
         has_ray = valid[:, 0] & (norm[:, 0] > 0) & (ray_length > 0) & torch.isfinite(ends).all(dim=1)
         source = torch.cat([torch.where(has_ray, -2, -1)[:, None], ranked], dim=1)
         length = torch.cat([torch.where(has_ray, ray_length, float("inf"))[:, None], ranked_length], dim=1)
+        ray_end = torch.where(has_ray[:, None], ends, flat).view_as(x)
+        if chunk.guide is not None:  # the guide's adversarial direction replaces the normal's, where it has one
+            point, reached = guided_points(chunk.guide, x, chunk.target, distance[:, 0], bounds)
+            ok = torch.isfinite(reached) & (reached > 0) & valid[:, 0]
+            # The ray's first query (at _FIRST_RAY of its length) lands on the guide's crossing.
+            reach = reached / _FIRST_RAY
+            unit = (point - x).flatten(1) / reached.clamp_min(1e-12)[:, None].float()
+            guided_end = flat + reach[:, None].float() * unit
+            ray_end = torch.where(ok.view(-1, *([1] * (x.ndim - 1))), guided_end.view_as(x), ray_end)
+            source = torch.where(ok[:, None] & (torch.arange(source.shape[1]) == 0), -2, source)
+            length = torch.where(ok[:, None] & (torch.arange(length.shape[1]) == 0), reach[:, None], length)
         compact = torch.sort((source == -1).to(torch.int8), dim=1, stable=True).indices  # missing ones last
-        return (torch.gather(source, 1, compact), torch.gather(length, 1, compact),
-                torch.where(has_ray[:, None], ends, flat).view_as(x))
+        return torch.gather(source, 1, compact), torch.gather(length, 1, compact), ray_end
 
     @staticmethod
     def _ends(chunk: Chunk, source: torch.Tensor, ray_end: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
