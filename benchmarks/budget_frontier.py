@@ -9,6 +9,8 @@ each a `db3kd run` recipe of its own under --run-dir (cached: a rerun adds only 
   rest);
 - budget-plain: the same plan with BD soft labels on the first images it can pay for, unguided (the plan
   before selection and guides), to show what they buy;
+- budget-no-mixtures, budget-mixtures-first: the plan with no mixtures, and with mixtures bought first (up to
+  300 per image) before any soft label;
 - ce-only: the teacher's top-1 labels of the first min(Q, N) images;
 - paper: the paper's recipe bought with Q: BD at 40 queries per pair on every pair of the first
   Q / (1 + 9 x 40) images (their labels included), nothing else.
@@ -41,7 +43,10 @@ SHARED = ROOT.parent / "shared"
 TEACHERS = {"mnist": SHARED / "teachers" / "lenet5_mnist.onnx",
             "fashion-mnist": SHARED / "teachers" / "lenet5_fmnist.onnx"}
 PAPER_QUERIES_PER_PAIR = 40
-STRATEGIES = {"budget": {}, "budget-plain": {"select": "first", "guide": False}}  # budget options of each plan
+# Budget options of each plan: the defaults, and ablations of what each part of the plan buys.
+STRATEGIES = {"budget": {}, "budget-plain": {"select": "first", "guide": False},
+              "budget-no-mixtures": {"mixture_share": 0.0},
+              "budget-mixtures-first": {"mixture_share": 1.0, "max_mixtures_per_image": 300}}
 RESULTS = ROOT / "benchmarks" / "results" / "budget_frontier.json"
 
 
@@ -116,8 +121,8 @@ def plot(results: dict, dataset: str, path: Path) -> None:
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     points = [p for p in results["points"].values() if p["dataset"] == dataset]
-    for strategy, colour in zip(("budget", "budget-plain", "ce-only", "paper"),
-                                ("tab:red", "tab:orange", "tab:blue", "tab:green")):
+    for strategy, colour in zip((*STRATEGIES, "ce-only", "paper"),
+                                ("tab:red", "tab:orange", "tab:pink", "tab:purple", "tab:blue", "tab:green")):
         for images, style in zip(sorted({p["images"] for p in points}, reverse=True), ("o-", "s--")):
             line = sorted((p["queries"], 100 * p["mean_test_accuracy"]) for p in points
                           if p["strategy"] == strategy and p["images"] == images)

@@ -52,8 +52,8 @@ def test_a_budgeted_run_spends_within_its_budget_and_records_the_plan(digits_tea
     from db3kd.report import write_report
 
     assert (f"3,000 teacher queries planned as: labels for 1,438 images, 842 mixtures of them, BD soft labels for the 4 "
-            f"of them a selector student is least sure of, toward every other class, at <= 20 queries per pair (at "
-            f"most 3,000 in all). Spent: `mixtures` 842, `soft_labels/budget` "
+            f"of them a selector student is least sure of, toward every other class, at <= 20 queries per pair, the "
+            f"selector's adversarial direction searched first (at most 3,000 in all). Spent: `mixtures` 842, `soft_labels/budget` "
             f"{budget['spent_total'] - 842:,}; {budget['spent_total']:,} in all, within the budget.") in write_report(tmp_path / "run")
     # The resolved recipe holds the plan and reads back as the same stages: a rerun does nothing.
     again = load_recipe(tmp_path / "run" / "recipe.resolved.yaml")

@@ -98,7 +98,7 @@ class BudgetPlan:
         chosen = " a selector student is least sure of" if self.select == "uncertain" else ""
         toward = f"toward the {self.classes_per_image} most plausible other classes" if self.classes_per_image \
             else "toward every other class"
-        guided = " (the selector's adversarial directions first)" if self.guide else ""
+        guided = ", the selector's adversarial direction searched first" if self.guide else ""
         soft = (f", BD soft labels for {which} {self.soft_labelled:,} of them{chosen}, {toward}, at <= "
                 f"{self.queries_per_pair} queries per pair{guided}") if self.soft_labelled else ", no soft labels"
         return (f"{self.budget:,} teacher queries planned as: labels for {self.labelled:,} images, {self.mixtures:,} "
