@@ -17,16 +17,26 @@ from test_recipes import tiny_recipe, write_recipe
 @pytest.mark.parametrize("queries,images,expected", [
     (500, 1438, (500, 0, 0)),  # fewer queries than images: labels for the first 500, nothing else
     (1_000_000, 60_000, (60_000, 470_020, 2611)),  # MNIST at 1M: half of the rest in BD, the remainder in mixtures
-    (1_000_000, 2_000, (2_000, 40_000, 2_000)),  # few images: mixtures capped, every image soft-labelled,
+    (1_000_000, 2_000, (2_000, 600_000, 2_000)),  # few images: every image soft-labelled, mixtures up to their cap
 ])
 def test_the_plan_never_costs_more_than_the_budget(queries, images, expected):
     plan = plan_budget(BudgetSpec(queries), images, 10)
     assert (plan.labelled, plan.mixtures, plan.soft_labelled) == expected
     assert plan.at_most <= queries
     if images == 2_000:  # what cannot buy anything useful is left unspent
-        assert plan.at_most == 2_000 + 40_000 + 2_000 * 9 * 20 < queries
+        assert plan.at_most == 2_000 + 600_000 + 2_000 * 9 * 20 < queries
     else:
         assert plan.at_most == queries
+
+
+def test_mixtures_first_spends_what_the_soft_labels_leave_on_mixtures():
+    # mixture_share 1: mixtures up to their cap first, then soft labels with what is left, then mixtures again.
+    plan = plan_budget(BudgetSpec(1_000_000, mixture_share=1.0, max_mixtures_per_image=100), 2_000, 10)
+    assert (plan.labelled, plan.mixtures, plan.soft_labelled) == (2_000, 200_000, 2_000)
+    plan = plan_budget(BudgetSpec(1_000_000, mixture_share=1.0), 60_000, 10)
+    assert (plan.labelled, plan.mixtures, plan.soft_labelled, plan.at_most) == (60_000, 940_000, 0, 1_000_000)
+    with pytest.raises(ConfigError, match=r"mixture_share must be a number in \[0, 1\], got 1.5"):
+        BudgetSpec(1_000_000, mixture_share=1.5)
 
 
 def budget_recipe(teacher, queries: int, **extra) -> dict:

@@ -18,12 +18,13 @@ def integer(value, name: str, low: int | None = None) -> int:
 
 
 def number(value, name: str, low: float = 0.0, high: float = math.inf, closed: str = "high") -> float:
-    """`value` as a float within (low, high] (`closed` "high"), (low, high) ("none") or [low, high) ("low")."""
+    """`value` as a float within (low, high] (`closed` "high"), (low, high) ("none"), [low, high) ("low") or
+    [low, high] ("both")."""
     ok = isinstance(value, (int, float, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
-    above = ok and (value >= low if closed == "low" else value > low)
-    below = ok and (value <= high if closed == "high" else value < high)
+    above = ok and (value >= low if closed in ("low", "both") else value > low)
+    below = ok and (value <= high if closed in ("high", "both") else value < high)
     if not (above and below):
-        interval = f"{'[' if closed == 'low' else '('}{low}, {high}{']' if closed == 'high' else ')'}"
+        interval = f"{'[' if closed in ('low', 'both') else '('}{low}, {high}{']' if closed in ('high', 'both') else ')'}"
         raise ConfigError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
 
