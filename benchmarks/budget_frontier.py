@@ -1,16 +1,17 @@
 """Benchmark: student accuracy against total teacher queries, per way of spending them.
 
 For each dataset (MNIST, Fashion-MNIST: the shared LeNet-5 teachers, `lenet5-half` students), each number of
-real images available (all of the training split, or its first 2,000) and each budget Q, three strategies,
+real images available (all of the training split, or its first 2,000) and each budget Q, these strategies,
 each a `db3kd run` recipe of its own under --run-dir (cached: a rerun adds only what is missing):
 
-- budget: the recipe's `budget: Q` with its defaults (db3kd.budget.plan_budget: labels, mixtures of the
-  images, student-guided BD soft labels on the images a selector student is least sure of, hard labels for the
-  rest);
+- budget: the recipe's `budget: Q` with its defaults (db3kd.budget.plan_budget: labels, student-guided BD soft
+  labels on the images a selector student is least sure of, hard labels for the rest, mixtures of the images
+  with what the soft labels cannot use);
 - budget-plain: the same plan with BD soft labels on the first images it can pay for, unguided (the plan
   before selection and guides), to show what they buy;
-- budget-no-mixtures, budget-cap20: the plan with no mixtures, and with at most 20 per image (the default
-  before it was measured; with few images it leaves most of the budget unspent);
+- budget-half-mixtures, budget-cap20: the plan with half of the queries after the labels in mixtures before any
+  soft label, and with at most 20 mixtures per image (with few images most of the budget is left unspent);
+  the defaults before they were measured;
 - ce-only: the teacher's top-1 labels of the first min(Q, N) images;
 - paper: the paper's recipe bought with Q: BD at 40 queries per pair on every pair of the first
   Q / (1 + 9 x 40) images (their labels included), nothing else.
@@ -45,7 +46,7 @@ TEACHERS = {"mnist": SHARED / "teachers" / "lenet5_mnist.onnx",
 PAPER_QUERIES_PER_PAIR = 40
 # Budget options of each plan: the defaults, and ablations of what each part of the plan buys.
 STRATEGIES = {"budget": {}, "budget-plain": {"select": "first", "guide": False},
-              "budget-no-mixtures": {"mixture_share": 0.0}, "budget-cap20": {"max_mixtures_per_image": 20}}
+              "budget-half-mixtures": {"mixture_share": 0.5}, "budget-cap20": {"max_mixtures_per_image": 20}}
 RESULTS = ROOT / "benchmarks" / "results" / "budget_frontier.json"
 
 

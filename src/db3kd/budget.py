@@ -1,19 +1,22 @@
 """A total teacher-query budget for a student's training data, and the plan that spends it.
 
 Given Q queries and N real images (K classes), the plan buys, in this order (following
-benchmarks/budget_frontier.py, MNIST and Fashion-MNIST with LeNet-5 teachers):
+benchmarks/budget_frontier.py, MNIST and Fashion-MNIST with LeNet-5 teachers and `lenet5-half` students):
 
 1. the teacher's top-1 label of every image (N queries; with Q < N, of the first Q images only);
-2. of what is left, a share in teacher-labelled mixtures of the images (one query each, at most
-   `max_mixtures_per_image` per image): they show the student the teacher's decisions between the images, and
-   are what pays most when the images are few (MNIST, 2,000 images, 1M queries: 98.39% with 600,000 mixtures,
-   97.48% with 40,000 and the rest unspent);
-3. the rest in BD soft labels (at most `queries_per_pair` queries for each of the K - 1 other classes, or the
-   `classes_per_image` most plausible ones) of as many images as it pays for: when not all, those a selector
-   student (trained on the labels of step 1, no query) is least sure of, each search trying the selector's
-   adversarial direction toward the class first (`db3kd.jobs.selection`, `db3kd.robustness.guide`). The student
-   trains on those with the distillation loss and on every other image with its hard label, already paid for.
-   What the soft labels cannot use (too few images) goes to mixtures, up to their cap.
+2. BD soft labels (at most `queries_per_pair` queries for each of the K - 1 other classes, or the
+   `classes_per_image` most plausible ones) of as many images as the rest pays for: when not all, those a
+   selector student (trained on the labels of step 1, no query) is least sure of, each search trying the
+   selector's adversarial direction toward the class first (`db3kd.jobs.selection`, `db3kd.robustness.guide`).
+   The student trains on those with the distillation loss and on every other image with its hard label;
+3. what the soft labels cannot use (every image has them) in teacher-labelled mixtures of the images, one query
+   each, at most `max_mixtures_per_image` per image: they show the student the teacher's decisions between the
+   images, which pays when the images are few and costs accuracy when they are many.
+
+Measured on MNIST at 1M queries: with all 60,000 images, 99.14% for this plan (5,222 selected images with guided
+BD soft labels), 98.96% with half of the queries in mixtures instead (`mixture_share` 0.5), 99.11% for CE-only;
+with 2,000 images, 98.39% for this plan (BD soft labels on all of them and 600,000 mixtures), 97.48% with at most
+20 mixtures per image (600,000 queries left unspent). `mixture_share` buys mixtures before the soft labels.
 
 The plan never costs more than Q: each part's cost is known or capped in advance (labels and mixtures exactly,
 BD per pair). A recipe's `budget` turns into these stages (`Recipe.plan_budget`), recorded in the resolved
@@ -35,7 +38,8 @@ class BudgetSpec:
     Args:
         queries: total teacher queries behind the students' training data (evaluation queries apart).
         queries_per_pair: BD's cap per (image, class) pair.
-        mixture_share: the share of what is left after the labels that goes to mixtures.
+        mixture_share: the share of what is left after the labels that goes to mixtures before any soft label
+            (default 0: soft labels first, mixtures with what they cannot use).
         max_mixtures_per_image: most mixtures per real image.
         select: which images get soft labels when not all can: "uncertain" (those a selector student trained on
             the labels is least sure of) or "first".
@@ -45,7 +49,7 @@ class BudgetSpec:
 
     queries: int
     queries_per_pair: int = 20
-    mixture_share: float = 0.5
+    mixture_share: float = 0.0
     max_mixtures_per_image: int = 300
     select: str = "uncertain"
     classes_per_image: int | None = None
