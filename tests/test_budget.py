@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 
 from db3kd.budget import BudgetSpec, plan_budget
@@ -101,3 +106,30 @@ def test_db3kd_run_takes_a_budget_on_the_command_line(digits_teacher, tmp_path, 
             "in all); spent 700") in out
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["budget"]["spent"] == {"students/ce-lenet5-fifth-seed0": 700} and run["budget"]["within_budget"]
+
+
+def test_a_budgeted_run_killed_midway_resumes_to_the_same_purchases(digits_teacher, tmp_path):
+    # Killed once the images' labels are bought (before its selector, guide and BD): the rerun reuses them and
+    # buys the same as an uninterrupted run.
+    raw = budget_recipe(digits_teacher, 3000)
+    raw["students"]["seeds"] = [0]
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_recipe(load_recipe(path), full, progress=False)
+    cmd = [sys.executable, "-m", "db3kd", "run", str(path), "--out", str(killed), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        labels = killed / "soft_labels" / "budget" / "reference_labels.npz"
+        while not labels.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling for a file, not sleeping to synchronise
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "run.json").exists()
+    run_recipe(load_recipe(path), killed, progress=False)
+    a, b = (np.load(d / "soft_labels" / "budget" / "soft_labels.npz") for d in (full, killed))
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    spent = [json.loads((d / "run.json").read_text())["budget"] for d in (full, killed)]
+    assert spent[0]["spent"] == spent[1]["spent"] and spent[1]["within_budget"]
