@@ -17,7 +17,8 @@ each a `db3kd run` recipe of its own under --run-dir (cached: a rerun adds only 
   Q / (1 + 9 x 40) images (their labels included), nothing else.
 
 Writes benchmarks/results/budget_frontier.json (per run: accuracy and fidelity per seed, the queries the
-student's training data cost, wall time) and budget_frontier_<dataset>.png (accuracy against queries).
+student's training data cost, the wall time of the invocation that wrote it, which stages and seeds cached by an
+earlier one do not count in) and budget_frontier_<dataset>.png (accuracy against queries).
 
     python benchmarks/budget_frontier.py [--datasets mnist fashion-mnist] [--images all 2000]
         [--budgets 60000 200000 600000 2000000 6000000 20000000] [--strategies budget ce-only paper] [--seeds 0 1]

@@ -13,9 +13,9 @@ benchmarks/budget_frontier.py, MNIST and Fashion-MNIST with LeNet-5 teachers and
    each, at most `max_mixtures_per_image` per image: they show the student the teacher's decisions between the
    images, which pays when the images are few and costs accuracy when they are many.
 
-Measured on MNIST at 1M queries: with all 60,000 images, 99.14% for this plan (5,222 selected images with guided
-BD soft labels), 98.96% with half of the queries in mixtures instead (`mixture_share` 0.5), 99.11% for CE-only;
-with 2,000 images, 98.39% for this plan (BD soft labels on all of them and 600,000 mixtures), 97.48% with at most
+Measured on MNIST at 1M queries: with all 60,000 images, 99.10% for this plan (5,222 selected images with guided
+BD soft labels), 98.96% with half of the queries in mixtures instead (`mixture_share` 0.5), 99.13% for CE-only;
+with 2,000 images, 98.29% for this plan (BD soft labels on all of them and 600,000 mixtures), 97.48% with at most
 20 mixtures per image (600,000 queries left unspent). `mixture_share` buys mixtures before the soft labels.
 
 The plan never costs more than Q: each part's cost is known or capped in advance (labels and mixtures exactly,
