@@ -54,7 +54,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         # weights_only: a checkpoint is data, never code to run.
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}: {e}).") from e
+        # Not torch's message: it advises loading untrusted pickles (weights_only=False).
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint ({type(e).__name__}): damaged or not one; "
+                              "expected a model.pt written by db3kd (train-teacher, train-student, distill)") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a db3kd checkpoint (expected format {FORMAT!r}). "

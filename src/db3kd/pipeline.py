@@ -400,7 +400,7 @@ def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
         pseudo = {"reference_y": ctx.pseudo[1], "store_images": True, "synthesis_queries": ctx.synthesis_queries()}
     indices, selected = np.arange(spec.subset or len(x)), {}
     if spec.uses_selector:
-        indices, selected = _select_pairs(ctx, stage, out, x, pseudo.get("reference_y"))
+        indices, selected = _select_pairs(ctx, stage, spec, out, x, pseudo.get("reference_y"))
     with ctx.teacher.thread_policy():
         manifest = compute_soft_labels(ctx.oracle, x, indices, spec, out, run_info, progress=ctx.progress,
                                        executor=ctx.executor, **selected, **pseudo)
@@ -410,7 +410,7 @@ def _soft_label_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
             "soft_label_seconds": manifest["seconds"], **accuracy}
 
 
-def _select_pairs(ctx: _Context, stage: Stage, out: Path, x, reference_y) -> tuple[np.ndarray, dict]:
+def _select_pairs(ctx: _Context, stage: Stage, spec, out: Path, x, reference_y) -> tuple[np.ndarray, dict]:
     """The images a soft-label stage with a selector searches from, and `compute_soft_labels`'s `targets` and
     `guide` (`db3kd.jobs.selection`): the selector is a student trained on the teacher's labels of the transfer
     images (the references' labels, asked here if not yet)."""
@@ -418,7 +418,6 @@ def _select_pairs(ctx: _Context, stage: Stage, out: Path, x, reference_y) -> tup
     from .jobs.soft_labels import reference_labels
     from .training import TrainConfig
 
-    spec = ctx.recipe.soft_labels[stage.name.split("/", 1)[1]]
     if reference_y is None:
         with ctx.teacher.thread_policy():
             reference_y, _ = reference_labels(out, ctx.oracle, x)

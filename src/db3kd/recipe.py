@@ -140,7 +140,6 @@ class SoftLabelStageSpec(SoftLabelConfig):
     classes_per_image: int | None = None
     guide: bool = False  # BD / MBD search the selector's adversarial direction toward each class first
 
-
     def __post_init__(self):
         super().__post_init__()  # the estimator checks its own parameters (names and values)
         from .jobs.selection import SELECTIONS

@@ -24,7 +24,7 @@ from ..executors import ATTEMPTS_FILE, AttemptLog, Executor
 from ..executors.base import describe
 from ..io import load_npz, save_npz
 from ..oracle import LabelOracle
-from ..robustness import ESTIMATORS, SampleDistance, distances_to_logits, estimator_from_name
+from ..robustness import ESTIMATORS, distances_to_logits, estimator_from_name
 from ..robustness.guide import check_guide
 from .runner import ShardedJob, run_job
 
@@ -139,9 +139,8 @@ class SoftLabelJob(ShardedJob):
     def shard_sizes(self) -> list[int]:
         n = -(-len(self.indices) // self.config.shard_size)
         if self.targets is not None:  # own-class pairs are never searched, whatever the mask says
-            own = np.zeros_like(self.targets)
-            own[np.arange(len(own)), self.reference_labels[self.indices]] = True
-            return [int((self.targets[self._rows(s)] & ~own[self._rows(s)]).sum()) for s in range(n)]
+            searched = self.targets & (np.arange(self.num_classes) != self.reference_labels[self.indices, None])
+            return [int(searched[self._rows(s)].sum()) for s in range(n)]
         return [len(self.chunk(s)) * (self.num_classes - 1) for s in range(n)]
 
     def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
@@ -153,7 +152,7 @@ class SoftLabelJob(ShardedJob):
         if targets is not None:
             # A pair not searched gets its sample distance: an upper bound of the boundary distance, which the
             # reference labels already paid for (no query).
-            free = SampleDistance()(oracle, self.x[idx], y[idx], self.x, y).distances
+            free = result.sample_distances
             result.distances = np.where(targets, result.distances, free)
             if result.distances_at is not None:
                 result.distances_at = np.where(targets[None], result.distances_at, free[None])

@@ -48,6 +48,8 @@ class RobustnessResult:
         checkpoints: queries per pair at which `distances_at` was recorded.
         budget_exhausted: True when the oracle's budget stopped the run early; results so far are kept.
         refused: queries of the batch the budget refused (0 unless budget_exhausted).
+        sample_distances: (N, K) distance to the nearest reference of each class (SD; inf for the own class),
+            found on the way for free: the fallback of pairs a `targets` mask leaves unsearched.
     """
 
     distances: np.ndarray
@@ -57,6 +59,7 @@ class RobustnessResult:
     checkpoints: tuple[int, ...] = ()
     budget_exhausted: bool = False
     refused: int = 0
+    sample_distances: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,8 @@ class Estimator:
         result = self._end(run, state)
         if not return_points:
             result.points = None
+        result.sample_distances = dist[:, :, 0].numpy().copy()
+        result.sample_distances[np.arange(len(xt)), labels_t.numpy()] = np.inf
         return result
 
     def _begin(self, oracle: LabelQueries, x: torch.Tensor, pairs: Pairs, reference_x: torch.Tensor,
