@@ -40,11 +40,29 @@ def test_images_blend_shift_and_dim_as_their_recipe_says():
 
 def test_recipes_stay_within_their_ranges():
     config = MixtureConfig(count=1000, max_shift=2, min_brightness=0.4)
-    r = draw_recipes(np.random.default_rng(0), 1000, 7, config)
+    r = draw_recipes(np.random.default_rng(0), 1000, 7, config, (8, 8))
     assert r["first"].max() == 6 and r["second"].min() == 0
     assert np.abs(r["dy"]).max() == 2 and np.abs(r["dx"]).max() == 2
     assert 0.4 <= r["brightness"].min() and r["brightness"].max() <= 1
     assert 0 <= r["weight"].min() and r["weight"].max() <= 1
+
+
+def test_masks_cut_a_share_of_the_mixtures_down_to_the_lower_bound():
+    x = np.random.default_rng(1).random((5, 3, 6, 6), dtype=np.float32) + 1  # colour images in [1, 2]
+    plain = draw_recipes(np.random.default_rng(7), 2000, 5, MixtureConfig(count=2000), (6, 6))
+    masked = draw_recipes(np.random.default_rng(7), 2000, 5, MixtureConfig(count=2000, mask=0.5), (6, 6))
+    assert "mask" not in plain and masked["mask"].shape == (2000, 5)  # 36 bits packed in 5 bytes
+    # The mask is drawn last: the rest of each recipe is what it was without masks.
+    assert all(np.array_equal(plain[k], masked[k]) for k in plain)
+    keep = np.unpackbits(masked["mask"], axis=1, count=36).astype(bool)
+    cut = ~keep.all(axis=1)
+    assert 0.4 < cut.mean() < 0.55  # about half are masked (a few masks keep every pixel)
+    with_mask, without = mixture_images(x, masked, (1.0, 2.0)), mixture_images(x, plain, (1.0, 2.0))
+    pixels = keep.reshape(2000, 1, 6, 6).repeat(3, axis=1)  # one mask for every channel
+    np.testing.assert_array_equal(with_mask[pixels], without[pixels])
+    assert (with_mask[~pixels] == 1.0).all() and (~pixels).any()
+    # Hashed and recorded without `mask` when unused: mixtures made before masks existed are not bought again.
+    assert "mask" not in MixtureConfig(count=5).params() and MixtureConfig(count=5, mask=0.5).params()["mask"] == 0.5
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -52,6 +70,7 @@ def test_recipes_stay_within_their_ranges():
     (dict(count=5, max_shift=-1), "max_shift must be an integer >= 0"),
     (dict(count=5, min_brightness=0), r"min_brightness must be a number in \(0, 1\]"),
     (dict(count=5, shard_size=1.5), "shard_size must be a positive integer, got 1.5"),
+    (dict(count=5, mask=1.5), r"mask must be a number in \[0, 1\]"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -78,6 +97,17 @@ def test_each_mixture_costs_one_query_and_its_label_is_the_teachers(digits_teach
     # The rebuilt images are the ones the teacher saw: it gives them the stored labels.
     np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
     assert sum(manifest["label_counts"]) == 700 and len(np.unique(labels)) > 3
+
+
+def test_masked_mixtures_are_rebuilt_as_the_teacher_saw_them(digits_teacher, synthesis_dir):
+    out, x = synthesis_dir
+    oracle = open_oracle(digits_teacher)
+    label_mixtures(oracle, x, MixtureConfig(count=500, mask=1.0, shard_size=200), out / "mixtures", {"t": 1},
+                   progress=False)
+    images, labels, manifest = load_mixtures(out)
+    assert oracle.queries == 500 and manifest["params"]["mask"] == 1.0
+    np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
+    assert ((images == 0.0).mean(axis=(1, 2, 3)) > 0.2).mean() > 0.5  # most have large parts cut out
 
 
 def test_an_interrupted_run_resumes_to_the_same_mixtures(digits_teacher, synthesis_dir, tmp_path):

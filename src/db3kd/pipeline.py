@@ -93,7 +93,7 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
             # Its own stage, hashed on the synthesize stage's: new mixture parameters never recompute the pseudo
             # samples, and new pseudo samples always recompute the mixtures.
             stages.append(Stage(MIXTURES, "mixtures",
-                                {**data, "kind": "mixtures", "params": dataclasses.asdict(recipe.transfer.mixtures)},
+                                {**data, "kind": "mixtures", "params": recipe.transfer.mixtures.params()},
                                 [SYNTHESIZE]))
             mixtures = [MIXTURES]
     else:
@@ -102,7 +102,7 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
         transfer_inputs = []
         if recipe.transfer.mixtures is not None:  # mixtures of the real transfer images
             stages.append(Stage(MIXTURES, "mixtures",
-                                {**data, "kind": "mixtures", "params": dataclasses.asdict(recipe.transfer.mixtures)}))
+                                {**data, "kind": "mixtures", "params": recipe.transfer.mixtures.params()}))
             mixtures = [MIXTURES]
     train = {k: v for k, v in dataclasses.asdict(recipe.students.train).items() if k != "seed"}  # seeds: per student
     loss = dataclasses.asdict(recipe.students.loss)

@@ -109,8 +109,10 @@ def _test_set(args, transfer, info):
     from ..oracle import open_oracle
     from ..transfer import dataset_images
 
-    oracle = open_oracle(teacher_spec(args)) if args.teacher else None
     test = args.test_dataset or info.name
+    # The teacher is needed for fidelity, and to convert your test images to its input; not otherwise.
+    wanted = args.teacher and (not args.no_fidelity or test not in DATASETS)
+    oracle = open_oracle(teacher_spec(args)) if wanted else None
     if test not in DATASETS and args.test_dataset is None:
         raise ConfigError(f"{args.transfer} is of your images ({transfer.manifest.get('dataset') or 'pseudo samples'}): "
                           "pass --test-dataset PATH, a folder or arrays of test images (labelled for accuracy, "

@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     group.add_argument("--mixture-max-shift", type=int, default=3, metavar="PX", help="largest shift (default 3)")
     group.add_argument("--mixture-min-brightness", type=float, default=0.3, metavar="B",
                        help="smallest dimming factor in (0, 1] (default 0.3)")
+    group.add_argument("--mixture-mask", type=float, default=0.0, metavar="SHARE",
+                       help="share of the mixtures also cut out by a random smooth mask, the rest set to the lower "
+                            "bound: shapes on a background (default 0)")
     add_executor_args(parser)
 
 
@@ -44,7 +47,8 @@ def run(args) -> int:
     from ..oracle import open_oracle
 
     mixtures = None if args.mixtures == 0 else MixtureConfig(
-        count=args.mixtures, max_shift=args.mixture_max_shift, min_brightness=args.mixture_min_brightness, seed=args.seed)
+        count=args.mixtures, max_shift=args.mixture_max_shift, min_brightness=args.mixture_min_brightness,
+        mask=args.mixture_mask, seed=args.seed)
     config = SynthesisConfig(per_class=args.per_class, queries_per_sample=args.queries_per_sample, rounds=args.rounds,
                              step=args.step, max_draws=args.max_draws, seed=args.seed, shard_size=args.shard_size)
     executor = executor_config(args).build(teacher_spec(args))  # before any query: a bad option costs none
