@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 from db3kd.io import write_json
 from db3kd.pipeline import RESOLVED_RECIPE, plan_stages, read_stage, run_recipe
 from db3kd.recipe import load_recipe
-from db3kd.report import collect, write_combined_report
-from db3kd.transfer import TransferCost
+from db3kd.report import collect, summarise, write_combined_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -37,22 +35,13 @@ RECIPES = ("fmnist-db3kd", "fmnist-zsdb3kd", "cifar10-db3kd", "cifar10-zsdb3kd")
 
 
 def rows(recipe, run_dir: Path) -> tuple[list[dict], float, list[str]]:
-    """Per (method, student) of `recipe`: seeds' figures; its wall time so far (s); its stages not finished."""
+    """`db3kd report`'s rows of `recipe` (per method and student, with each seed's figures); its wall time so far
+    (s); its stages not finished."""
     stages = plan_stages(recipe)
     results, missing = collect(run_dir, stages)
-    grouped: dict[tuple[str, str], list[dict]] = {}
-    for r in results:
-        grouped.setdefault((r["label"], r["arch"]), []).append(r)
-    table = []
-    for (label, arch), runs in grouped.items():
-        accuracy = [r["test_accuracy"] for r in runs]
-        queries = None if runs[0]["kind"] == "teacher" else TransferCost.from_dict(runs[0]["teacher_queries"]).total
-        table.append({"method": label, "kind": runs[0]["kind"], "arch": arch, "seeds": len(runs),
-                      "test_accuracy": accuracy, "mean_test_accuracy": statistics.mean(accuracy),
-                      "fidelity": [r.get("fidelity") for r in runs], "teacher_queries": queries,
-                      "zero_shot": runs[0]["transfer_set"] == "synthesized",
-                      "training_seconds": [r.get("seconds") for r in runs],
-                      "soft_label_seconds": runs[0].get("soft_label_seconds")})
+    table = [{"method": r["label"], "kind": r["kind"], "arch": r["arch"], "seeds": r["seeds"],
+              "mean_test_accuracy": r["accuracy"][0], **r["per_seed"], "teacher_queries": r["queries"],
+              "zero_shot": r["zero_shot"], "soft_label_seconds": r["soft_label_seconds"]} for r in summarise(results)]
     seconds = sum((read_stage(run_dir / s.name) or {}).get("seconds", 0) for s in stages)
     return table, seconds, [name for name, _ in missing]
 

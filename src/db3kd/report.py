@@ -162,7 +162,8 @@ def collect(run_dir: Path, stages: list[Stage]) -> tuple[list[dict], list[tuple[
 
 
 def summarise(results: list[dict]) -> list[dict]:
-    """One row per (label, arch), in first-seen order, with mean and std over seeds."""
+    """One row per (label, arch), in first-seen order, with mean and std over seeds (and `per_seed`: each
+    seed's test accuracy, fidelity and training seconds, in stage order)."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in results:
         groups[r["label"], r["arch"]].append(r)
@@ -183,6 +184,7 @@ def summarise(results: list[dict]) -> list[dict]:
             "queries_per_pair": first["queries_per_pair"],
             "soft_label_seconds": first.get("soft_label_seconds"),
             "train_seconds": _stats([r.get("seconds") for r in runs]),
+            "per_seed": {key: [r.get(key) for r in runs] for key in ("test_accuracy", "fidelity", "seconds")},
         })
     return rows
 

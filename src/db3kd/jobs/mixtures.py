@@ -33,7 +33,8 @@ from ..oracle import LabelOracle
 from .runner import MANIFEST, ShardedJob, run_job
 from .soft_labels import digest
 
-RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")  # and "mask" when config.mask > 0
+RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")
+STORED_KEYS = (*RECIPE_KEYS, "mask")  # "mask" only when config.mask > 0
 RESULTS = "mixtures.npz"
 
 
@@ -75,7 +76,7 @@ class MixtureConfig:
 def draw_recipes(rng: np.random.Generator, n: int, num_samples: int, config: MixtureConfig,
                  image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """`n` random mixture recipes over `num_samples` pseudo samples of `image_size` (H, W) pixels (arrays keyed by
-    RECIPE_KEYS; "mask" (n, ceil(H * W / 8)) packed bits only if config.mask > 0, all ones where unmasked)."""
+    STORED_KEYS; "mask" (n, ceil(H * W / 8)) packed bits only if config.mask > 0, all ones where unmasked)."""
     from .synthesis import low_frequency_noise
 
     s = config.max_shift
@@ -145,7 +146,7 @@ class MixtureJob(ShardedJob):
         return dict(**recipes, labels=labels)
 
     def merge(self, merged: dict[str, np.ndarray], out: Path) -> dict:
-        save_npz(out / RESULTS, **{k: merged[k] for k in (*RECIPE_KEYS, "mask", "labels") if k in merged})
+        save_npz(out / RESULTS, **{k: merged[k] for k in (*STORED_KEYS, "labels") if k in merged})
         return {"params": self.config.params(), "count": self.config.count,
                 "label_counts": np.bincount(merged["labels"], minlength=self.num_classes).tolist()}
 
@@ -184,7 +185,7 @@ def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: st
     if fingerprint.get("pseudo_samples_sha256") != digest(pseudo_x):
         raise DataError(f"the mixtures in {directory} were made from other pseudo samples than {source}; "
                         f"delete that directory and {remake}")
-    recipes = {k: arrays[k] for k in (*RECIPE_KEYS, "mask") if k in arrays}
+    recipes = {k: arrays[k] for k in RECIPE_KEYS} | ({"mask": arrays["mask"]} if "mask" in arrays else {})
     labels = arrays["labels"].astype(np.int64)
     images = np.empty((len(labels), *pseudo_x.shape[1:]), dtype=np.float32)
     for i in range(0, len(labels), 10_000):  # chunked: no second full-size copy
