@@ -12,6 +12,7 @@ each a `db3kd run` recipe of its own under --run-dir (cached: a rerun adds only 
 - budget-half-mixtures, budget-cap20: the plan with half of the queries after the labels in mixtures before any
   soft label, and with at most 20 mixtures per image (with few images most of the budget is left unspent);
   the defaults before they were measured;
+- budget-rotations: the plan with its mixtures also rotated by up to 15 degrees and zoomed by up to 10%;
 - ce-only: the teacher's top-1 labels of the first min(Q, N) images;
 - paper: the paper's recipe bought with Q: BD at 40 queries per pair on every pair of the first
   Q / (1 + 9 x 40) images (their labels included), nothing else.
@@ -47,13 +48,16 @@ TEACHERS = {"mnist": SHARED / "teachers" / "lenet5_mnist.onnx",
 PAPER_QUERIES_PER_PAIR = 40
 # Budget options of each plan: the defaults, and ablations of what each part of the plan buys.
 STRATEGIES = {"budget": {}, "budget-plain": {"select": "first", "guide": False},
-              "budget-half-mixtures": {"mixture_share": 0.5}, "budget-cap20": {"max_mixtures_per_image": 20}}
+              "budget-half-mixtures": {"mixture_share": 0.5}, "budget-cap20": {"max_mixtures_per_image": 20},
+              "budget-rotations": {"mixture_options": {"max_rotation": 15, "max_scale": 0.1}}}
 RESULTS = ROOT / "benchmarks" / "results" / "budget_frontier.json"
 
 
 def recipe(dataset: str, images: int, strategy: str, budget: int, seeds: list[int]) -> dict | None:
     """The recipe of one point of the frontier, or None when the strategy cannot spend the budget."""
-    raw = {"name": f"{dataset}-{images}-{strategy}-{budget}", "teacher": str(TEACHERS[dataset]),
+    # CE-only buys min(images, budget) labels, so budgets above the images share one run.
+    spent = min(images, budget) if strategy == "ce-only" else budget
+    raw = {"name": f"{dataset}-{images}-{strategy}-{spent}", "teacher": str(TEACHERS[dataset]),
            "dataset": {"name": dataset, "data_dir": str(SHARED / "data")},
            "students": {"arch": ["lenet5-half"], "seeds": seeds}}
     if strategy in STRATEGIES:
@@ -125,7 +129,8 @@ def plot(results: dict, dataset: str, path: Path) -> None:
     ax = fig.subplots()
     points = [p for p in results["points"].values() if p["dataset"] == dataset]
     for strategy, colour in zip((*STRATEGIES, "ce-only", "paper"),
-                                ("tab:red", "tab:orange", "tab:pink", "tab:purple", "tab:blue", "tab:green")):
+                                ("tab:red", "tab:orange", "tab:pink", "tab:purple", "tab:brown", "tab:blue",
+                                 "tab:green")):
         for images, style in zip(sorted({p["images"] for p in points}, reverse=True), ("o-", "s--")):
             line = sorted((p["queries"], 100 * p["mean_test_accuracy"]) for p in points
                           if p["strategy"] == strategy and p["images"] == images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -82,8 +83,22 @@ def test_a_budget_below_the_images_buys_labels_only(digits_teacher, tmp_path):
     assert recipe.baselines == ["ce", "teacher"]
 
 
+def test_the_budget_draws_its_mixtures_as_its_mixture_options_say(digits_teacher, tmp_path):
+    raw = budget_recipe(digits_teacher, 3000, mixture_options={"max_rotation": 15, "max_scale": 0.1})
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", raw))
+    mixtures = recipe.transfer.mixtures
+    assert (mixtures.count, mixtures.max_rotation, mixtures.max_scale, mixtures.max_shift) == (122, 15, 0.1, 3)
+    # The resolved recipe (mixtures written out beside the budget) reads back as the same plan.
+    again = parse_recipe(dataclasses.asdict(recipe))
+    assert again.transfer.mixtures == mixtures and again.budget_plan == recipe.budget_plan
+
+
 @pytest.mark.parametrize("change,message", [
     ({"soft_labels": {"bd": {"method": "bd"}}}, "budget: expected no soft_labels or transfer.mixtures beside it"),
+    ({"budget": {"queries": 3000, "mixture_options": {"count": 5}}},
+     r"budget\.mixture_options: unknown option 'count'; expected some of max_shift, min_brightness"),
+    ({"budget": {"queries": 3000, "mixture_options": {"max_scale": 2}}},
+     r"budget\.mixture_options: max_scale must be a number in \[0, 1\), got 2"),
     ({"baselines": ["ce"]}, "baselines: expected no ce beside a budget that buys soft labels"),
     ({"transfer": {"synthesize": {"per_class": 2}}}, "budget: expected a budget over real images"),
     ({"budget": {"queries": 0}}, r"budget\.queries: must be a positive integer, got 0"),

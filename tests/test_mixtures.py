@@ -19,7 +19,8 @@ from db3kd.transfer import TransferCost, TransferSet
 def recipe(**values):
     base = dict(first=[0], second=[1], weight=[1.0], dy=[0], dx=[0], brightness=[1.0])
     base.update(values)
-    dtypes = dict(first=np.int64, second=np.int64, weight=np.float32, dy=np.int8, dx=np.int8, brightness=np.float32)
+    dtypes = dict(first=np.int64, second=np.int64, weight=np.float32, dy=np.int8, dx=np.int8, brightness=np.float32,
+                  angle=np.float32, scale=np.float32)
     return {k: np.asarray(v, dtype=dtypes[k]) for k, v in base.items()}
 
 
@@ -65,8 +66,43 @@ def test_masks_cut_a_share_of_the_mixtures_down_to_the_lower_bound():
     assert "mask" not in MixtureConfig(count=5).params() and MixtureConfig(count=5, mask=0.5).params()["mask"] == 0.5
 
 
+def test_rotations_and_zooms_turn_and_resize_about_the_centre():
+    x = np.zeros((2, 1, 9, 9), dtype=np.float32)
+    x[0, 0, 1, 2:7] = 1.0  # a bar across the top
+    turned = mixture_images(x, recipe(angle=[90.0], scale=[1.0]), (0.0, 1.0))[0, 0]
+    np.testing.assert_allclose(turned[2:7, 7], 1.0, atol=1e-5)  # now down one side
+    assert turned.sum() == pytest.approx(5.0, abs=1e-4)
+    assert not np.allclose(mixture_images(x, recipe(angle=[-90.0], scale=[1.0]), (0.0, 1.0))[0, 0], turned)
+    zoomed = mixture_images(x, recipe(angle=[0.0], scale=[2.0]), (0.0, 1.0))[0, 0]
+    assert zoomed.sum() == 0.0  # zoomed in twice: the bar, 3 pixels from the centre, leaves the frame
+    x[0, 0, 0:3, 2:7] = 1.0  # a thicker bar, rows 4 to 2 above the centre
+    shrunk = mixture_images(x, recipe(angle=[0.0], scale=[0.5]), (0.0, 1.0))[0, 0]
+    assert shrunk[:2].sum() == 0.0 and (shrunk[2:4, 3:6] == 1.0).all()  # half as far from the centre
+    # What comes in from outside the frame is the lower bound.
+    assert (mixture_images(x + 1, recipe(angle=[0.0], scale=[0.5]), (1.0, 2.0))[0, 0, 0] == 1.0).all()
+
+
+def test_rotated_recipes_are_drawn_last_and_rebuilt_bit_for_bit_in_any_batch():
+    x = np.random.default_rng(2).random((6, 3, 7, 5), dtype=np.float32)  # colour, not square
+    config = MixtureConfig(count=300, mask=0.5, max_rotation=20, max_scale=0.2)
+    plain = draw_recipes(np.random.default_rng(4), 300, 6, MixtureConfig(count=300, mask=0.5), (7, 5))
+    turned = draw_recipes(np.random.default_rng(4), 300, 6, config, (7, 5))
+    assert all(np.array_equal(plain[k], turned[k]) for k in plain)
+    assert np.abs(turned["angle"]).max() <= 20 and np.abs(turned["scale"] - 1).max() <= 0.2
+    assert np.abs(turned["angle"]).max() > 15
+    whole = mixture_images(x, turned, (0.0, 1.0))
+    pieces = [mixture_images(x, {k: v[i:i + 7] for k, v in turned.items()}, (0.0, 1.0)) for i in range(0, 300, 7)]
+    np.testing.assert_array_equal(whole, np.concatenate(pieces))
+    assert not np.array_equal(whole, mixture_images(x, plain, (0.0, 1.0)))
+    # Hashed without them when unused; recorded when used.
+    assert not {"max_rotation", "max_scale"} & set(MixtureConfig(count=5).params())
+    assert config.params()["max_rotation"] == 20 and config.params()["max_scale"] == 0.2
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(count=0), "count must be a positive integer, got 0"),
+    (dict(count=5, max_rotation=181), r"max_rotation must be a number in \[0, 180\]"),
+    (dict(count=5, max_scale=1.0), r"max_scale must be a number in \[0, 1\)"),
     (dict(count=5, max_shift=-1), "max_shift must be an integer >= 0"),
     (dict(count=5, min_brightness=0), r"min_brightness must be a number in \(0, 1\]"),
     (dict(count=5, shard_size=1.5), "shard_size must be a positive integer, got 1.5"),
@@ -108,6 +144,16 @@ def test_masked_mixtures_are_rebuilt_as_the_teacher_saw_them(digits_teacher, syn
     assert oracle.queries == 500 and manifest["params"]["mask"] == 1.0
     np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
     assert ((images == 0.0).mean(axis=(1, 2, 3)) > 0.2).mean() > 0.5  # most have large parts cut out
+
+
+def test_rotated_mixtures_are_rebuilt_as_the_teacher_saw_them(digits_teacher, synthesis_dir):
+    out, x = synthesis_dir
+    oracle = open_oracle(digits_teacher)
+    label_mixtures(oracle, x, MixtureConfig(count=400, max_rotation=30, max_scale=0.2, shard_size=150),
+                   out / "mixtures", {"t": 1}, progress=False)
+    images, labels, manifest = load_mixtures(out)
+    assert oracle.queries == 400 and manifest["params"]["max_rotation"] == 30
+    np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
 
 
 def test_an_interrupted_run_resumes_to_the_same_mixtures(digits_teacher, synthesis_dir, tmp_path):

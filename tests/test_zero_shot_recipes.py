@@ -228,7 +228,7 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("transfer.mixtures", {"count": 0}, r"^transfer\.mixtures\.count: must be a positive integer, got 0$"),
     ("transfer.mixtures", {"max_shift": 1}, r"^transfer\.mixtures\.count: missing; MixtureConfig needs count$"),
     ("transfer.mixtures", {"count": 5, "max_shfit": 1},
-     r"^transfer\.mixtures\.max_shfit: unknown key; expected one of count, max_shift, min_brightness, mask, seed, shard_size$"),
+     r"^transfer\.mixtures\.max_shfit: unknown key; expected one of count, max_shift, min_brightness, mask, max_rotation, max_scale, seed, shard_size$"),
     ("transfer.mixtures", {"count": 5, "min_brightness": 1.5},
      r"^transfer\.mixtures\.min_brightness: must be a number in \(0, 1\], got 1\.5$"),
     ("transfer.mixtures", {"count": 5, "max_shift": 1.5}, r"^transfer\.mixtures\.max_shift: expected int, got 1\.5$"),
@@ -300,7 +300,8 @@ def mix_run(digits_teacher, tmp_path_factory):
 def test_mixtures_are_parsed_with_their_defaults(digits_teacher, mix_run):
     recipe = parse_recipe(mixture_recipe(digits_teacher))
     assert recipe.transfer.mixtures == MixtureConfig(**MIXTURES)  # with its defaults
-    assert resolved(mix_run[0])["transfer"]["mixtures"] == {**MIXTURES, "min_brightness": 0.3, "mask": 0.0, "seed": 0}
+    assert resolved(mix_run[0])["transfer"]["mixtures"] == {**MIXTURES, "min_brightness": 0.3, "mask": 0.0,
+                                                           "max_rotation": 0.0, "max_scale": 0.0, "seed": 0}
     assert parse_recipe(zero_shot_recipe(digits_teacher)).transfer.mixtures is None  # optional
     real = {**mixture_recipe(digits_teacher), "transfer": {"split": "train", "mixtures": {"count": 5}}}
     assert parse_recipe(real).transfer.mixtures.count == 5  # of real images too (tests/test_recipes.py runs one)

@@ -25,7 +25,7 @@ recipe and, with what each stage actually spent, in RUN_DIR/run.json.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from .checks import integer, number
 from .errors import ConfigError
@@ -45,6 +45,8 @@ class BudgetSpec:
             the labels is least sure of) or "first".
         classes_per_image: search only the selector's most plausible other classes of each image (None: all).
         guide: BD searches the selector's adversarial direction toward each class first.
+        mixture_options: how the mixtures are drawn (`db3kd.jobs.mixtures.MixtureConfig`'s MIXTURE_OPTIONS, e.g.
+            `{max_rotation: 15, max_scale: 0.1}`); their number is the plan's.
     """
 
     queries: int
@@ -54,8 +56,10 @@ class BudgetSpec:
     select: str = "uncertain"
     classes_per_image: int | None = None
     guide: bool = True
+    mixture_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        from .jobs.mixtures import MIXTURE_OPTIONS, MixtureConfig
         from .jobs.selection import SELECTIONS
 
         integer(self.queries, "queries", 1)
@@ -68,6 +72,14 @@ class BudgetSpec:
             integer(self.classes_per_image, "classes_per_image", 1)
         if not isinstance(self.guide, bool):
             raise ConfigError(f"guide must be true or false, got {self.guide!r}")
+        unknown = sorted(set(self.mixture_options) - set(MIXTURE_OPTIONS))
+        if unknown:
+            raise ConfigError(f"mixture_options: unknown option {unknown[0]!r}; expected some of "
+                              f"{', '.join(MIXTURE_OPTIONS)}")
+        try:
+            MixtureConfig(count=1, **self.mixture_options)
+        except ConfigError as e:
+            raise ConfigError(f"mixture_options: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ def register(subparsers) -> None:
     group.add_argument("--mixture-mask", type=float, default=0.0, metavar="SHARE",
                        help="share of the mixtures also cut out by a random smooth mask, the rest set to the lower "
                             "bound: shapes on a background (default 0)")
+    group.add_argument("--mixture-max-rotation", type=float, default=0.0, metavar="DEG",
+                       help="rotate each mixture by up to DEG degrees either way (default 0)")
+    group.add_argument("--mixture-max-scale", type=float, default=0.0, metavar="S",
+                       help="zoom each mixture by a factor in [1 - S, 1 + S] (default 0)")
     add_executor_args(parser)
 
 
@@ -48,7 +52,8 @@ def run(args) -> int:
 
     mixtures = None if args.mixtures == 0 else MixtureConfig(
         count=args.mixtures, max_shift=args.mixture_max_shift, min_brightness=args.mixture_min_brightness,
-        mask=args.mixture_mask, seed=args.seed)
+        mask=args.mixture_mask, max_rotation=args.mixture_max_rotation, max_scale=args.mixture_max_scale,
+        seed=args.seed)
     config = SynthesisConfig(per_class=args.per_class, queries_per_sample=args.queries_per_sample, rounds=args.rounds,
                              step=args.step, max_draws=args.max_draws, seed=args.seed, shard_size=args.shard_size)
     executor = executor_config(args).build(teacher_spec(args))  # before any query: a bad option costs none

@@ -5,13 +5,14 @@ Written for pseudo samples (zero-shot), and used the same way on real transfer i
 
 Pseudo samples (`db3kd.synthesis`) are few and sit deep inside their class regions; a student trained on
 them alone learns little about where the teacher's boundaries run between them. A mixture blends two
-random pseudo samples (weight w ~ U(0, 1)), shifts the blend by up to `max_shift` pixels (the border filled
-with the lower bound) and dims it by a factor b ~ U(min_brightness, 1) toward the lower bound; a share `mask`
+random pseudo samples (weight w ~ U(0, 1)), optionally rotates it by up to `max_rotation` degrees and zooms it
+by up to `max_scale` about its centre, shifts it by up to `max_shift` pixels (the border filled with the lower
+bound) and dims it by a factor b ~ U(min_brightness, 1) toward the lower bound; a share `mask`
 of them is also cut out by a random smooth mask (the rest falls to the lower bound: shapes on a background);
 the teacher labels it, one query each. They teach the student the teacher's decisions between and around the pseudo
 samples for one query per image, a small fraction of a pseudo sample's cost (see benchmarks/zero_shot.py).
 
-Only each mixture's recipe (which samples, w, shift, b, and its mask as packed bits) and label are stored, not
+Only each mixture's recipe (which samples, w, angle and zoom, shift, b, and its mask as packed bits) and label are stored, not
 its image: `mixture_images` rebuilds the images exactly (the same float32 arithmetic the teacher's images came
 from), so a million mixtures take a few dozen MB on disk (masks add 98 MB per million on 28x28 images). Work is
 done in seeded shards, resumable like the other long jobs.
@@ -24,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..checks import integer, number
 from ..errors import DataError
@@ -34,7 +37,7 @@ from .runner import MANIFEST, ShardedJob, run_job
 from .soft_labels import digest
 
 RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")
-STORED_KEYS = (*RECIPE_KEYS, "mask")  # "mask" only when config.mask > 0
+STORED_KEYS = (*RECIPE_KEYS, "mask", "angle", "scale")  # each only when its option is used
 RESULTS = "mixtures.npz"
 
 
@@ -50,6 +53,10 @@ class MixtureConfig:
             grid, upsampled, kept above 0.5), the parts outside set to the lower bound. On Fashion-MNIST's
             zero-shot recipe, all of them masked took the student from 74% to 80% (objects on a background,
             where the pseudo samples fill the frame).
+        max_rotation: largest rotation in degrees, either way, about the image centre (0: none).
+        max_scale: largest zoom, as a zoom factor in [1 - max_scale, 1 + max_scale] about the centre (0: none).
+            Rotations and zooms keep mixtures of real images near the images' manifold (handwriting and photos
+            are seen tilted and at other sizes), where few images leave the teacher's decisions unseen.
         seed: seeds the draws (shard s draws from seed [seed, s]).
         shard_size: mixtures per shard.
     """
@@ -58,6 +65,8 @@ class MixtureConfig:
     max_shift: int = 3
     min_brightness: float = 0.3
     mask: float = 0.0
+    max_rotation: float = 0.0
+    max_scale: float = 0.0
     seed: int = 0
     shard_size: int = 50_000
 
@@ -66,17 +75,24 @@ class MixtureConfig:
             integer(getattr(self, name), name, low)
         number(self.min_brightness, "min_brightness", 0, 1)
         number(self.mask, "mask", 0, 1, closed="both")
+        number(self.max_rotation, "max_rotation", 0, 180, closed="both")
+        number(self.max_scale, "max_scale", 0, 1, closed="low")
 
     def params(self) -> dict:
-        """The config as hashed and recorded: `mask` only when used, so mixtures made before masks existed keep
-        their hash (and are not bought again)."""
-        return {k: v for k, v in asdict(self).items() if k != "mask" or v}
+        """The config as hashed and recorded: the options added later (`mask`, `max_rotation`, `max_scale`) only
+        when used, so mixtures made before they existed keep their hash (and are not bought again)."""
+        return {k: v for k, v in asdict(self).items() if k not in _LATER or v}
+
+
+_LATER = ("mask", "max_rotation", "max_scale")
+MIXTURE_OPTIONS = ("max_shift", "min_brightness", "mask", "max_rotation", "max_scale")  # how, not how many
 
 
 def draw_recipes(rng: np.random.Generator, n: int, num_samples: int, config: MixtureConfig,
                  image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """`n` random mixture recipes over `num_samples` pseudo samples of `image_size` (H, W) pixels (arrays keyed by
-    STORED_KEYS; "mask" (n, ceil(H * W / 8)) packed bits only if config.mask > 0, all ones where unmasked)."""
+    STORED_KEYS; "mask" (n, ceil(H * W / 8)) packed bits only if config.mask > 0, all ones where unmasked;
+    "angle" (degrees) and "scale" only if rotations or zooms are asked for)."""
     from .synthesis import low_frequency_noise
 
     s = config.max_shift
@@ -89,7 +105,34 @@ def draw_recipes(rng: np.random.Generator, n: int, num_samples: int, config: Mix
         keep = low_frequency_noise(rng, n, (1, *image_size), (0.0, 1.0))[:, 0] > 0.5
         keep[~masked] = True
         recipes["mask"] = np.packbits(keep.reshape(n, -1), axis=1)
+    if config.max_rotation or config.max_scale:  # drawn after the mask, for the same reason
+        r, z = config.max_rotation, config.max_scale
+        recipes["angle"] = rng.uniform(-r, r, n).astype(np.float32)
+        recipes["scale"] = rng.uniform(1 - z, 1 + z, n).astype(np.float32)
     return recipes
+
+
+def rotate_and_zoom(images: np.ndarray, angle: np.ndarray, scale: np.ndarray, fill: np.float32) -> np.ndarray:
+    """(n, C, H, W) images rotated by `angle` degrees and zoomed by `scale` about their centres (bilinear; what
+    comes in from outside the frame is `fill`).
+
+    The sampling grid is built elementwise in float32 (no matrix product), so an image comes out bit for bit
+    the same whatever batch it is in: the images the teacher labelled can be rebuilt exactly.
+    """
+    n, _, h, w = images.shape
+    theta = np.deg2rad(angle.astype(np.float32))
+    cos = (np.cos(theta) / scale)[:, None, None]
+    sin = (np.sin(theta) / scale)[:, None, None]
+    px = (np.arange(w, dtype=np.float32) - np.float32((w - 1) / 2))[None, None, :]  # pixels from the centre
+    py = (np.arange(h, dtype=np.float32) - np.float32((h - 1) / 2))[None, :, None]
+    # Output pixel p samples the input at R(-angle) p / scale; grid_sample wants it normalised to [-1, 1].
+    sx = cos * px + sin * py
+    sy = cos * py - sin * px
+    grid = np.stack([np.broadcast_to(2 * sx / w, (n, h, w)), np.broadcast_to(2 * sy / h, (n, h, w))], axis=-1)
+    moved = F.grid_sample(torch.from_numpy(np.ascontiguousarray(images - fill)),
+                          torch.from_numpy(grid.astype(np.float32)), mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
+    return moved.numpy() + fill
 
 
 def mixture_images(x: np.ndarray, recipes: dict[str, np.ndarray], bounds: tuple[float, float]) -> np.ndarray:
@@ -97,6 +140,8 @@ def mixture_images(x: np.ndarray, recipes: dict[str, np.ndarray], bounds: tuple[
     lo = np.float32(bounds[0])
     w = recipes["weight"][:, None, None, None]
     blend = w * x[recipes["first"]] + (1 - w) * x[recipes["second"]]
+    if "angle" in recipes:
+        blend = rotate_and_zoom(blend, recipes["angle"], recipes["scale"], lo)
     n, c, h, width = blend.shape
     s = int(max(np.abs(recipes["dy"]).max(initial=0), np.abs(recipes["dx"]).max(initial=0)))
     padded = np.pad(blend, ((0, 0), (0, 0), (s, s), (s, s)), constant_values=lo)
@@ -185,7 +230,7 @@ def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: st
     if fingerprint.get("pseudo_samples_sha256") != digest(pseudo_x):
         raise DataError(f"the mixtures in {directory} were made from other pseudo samples than {source}; "
                         f"delete that directory and {remake}")
-    recipes = {k: arrays[k] for k in RECIPE_KEYS} | ({"mask": arrays["mask"]} if "mask" in arrays else {})
+    recipes = {k: arrays[k] for k in RECIPE_KEYS} | {k: arrays[k] for k in STORED_KEYS[len(RECIPE_KEYS):] if k in arrays}
     labels = arrays["labels"].astype(np.int64)
     images = np.empty((len(labels), *pseudo_x.shape[1:]), dtype=np.float32)
     for i in range(0, len(labels), 10_000):  # chunked: no second full-size copy
