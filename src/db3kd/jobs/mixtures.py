@@ -12,10 +12,10 @@ of them is also cut out by a random smooth mask (the rest falls to the lower bou
 the teacher labels it, one query each. They teach the student the teacher's decisions between and around the pseudo
 samples for one query per image, a small fraction of a pseudo sample's cost (see benchmarks/zero_shot.py).
 
-Only each mixture's recipe (which samples, w, angle and zoom, shift, b, and its mask as packed bits) and label are stored, not
-its image: `mixture_images` rebuilds the images exactly (the same float32 arithmetic the teacher's images came
-from), so a million mixtures take a few dozen MB on disk (masks add 98 MB per million on 28x28 images). Work is
-done in seeded shards, resumable like the other long jobs.
+Only each mixture's recipe (which samples, w, angle and zoom, shift, b, and its mask as packed bits) and label
+are stored, not its image: `mixture_images` rebuilds the images exactly (the same float32 arithmetic the
+teacher's images came from), so a million mixtures take a few dozen MB on disk (masks add 98 MB per million on
+28x28 images). Work is done in seeded shards, resumable like the other long jobs.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from .runner import MANIFEST, ShardedJob, run_job
 from .soft_labels import digest
 
 RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")
-STORED_KEYS = (*RECIPE_KEYS, "mask", "angle", "scale")  # each only when its option is used
+OPTIONAL_KEYS = ("mask", "angle", "scale")  # stored only when their options are used
+STORED_KEYS = (*RECIPE_KEYS, *OPTIONAL_KEYS)
+MIXTURE_OPTIONS = ("max_shift", "min_brightness", "mask", "max_rotation", "max_scale")  # how, not how many
+_LATER = ("mask", "max_rotation", "max_scale")  # options added later: hashed only when used
 RESULTS = "mixtures.npz"
 
 
@@ -82,10 +85,6 @@ class MixtureConfig:
         """The config as hashed and recorded: the options added later (`mask`, `max_rotation`, `max_scale`) only
         when used, so mixtures made before they existed keep their hash (and are not bought again)."""
         return {k: v for k, v in asdict(self).items() if k not in _LATER or v}
-
-
-_LATER = ("mask", "max_rotation", "max_scale")
-MIXTURE_OPTIONS = ("max_shift", "min_brightness", "mask", "max_rotation", "max_scale")  # how, not how many
 
 
 def draw_recipes(rng: np.random.Generator, n: int, num_samples: int, config: MixtureConfig,
@@ -230,7 +229,7 @@ def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: st
     if fingerprint.get("pseudo_samples_sha256") != digest(pseudo_x):
         raise DataError(f"the mixtures in {directory} were made from other pseudo samples than {source}; "
                         f"delete that directory and {remake}")
-    recipes = {k: arrays[k] for k in RECIPE_KEYS} | {k: arrays[k] for k in STORED_KEYS[len(RECIPE_KEYS):] if k in arrays}
+    recipes = {k: arrays[k] for k in RECIPE_KEYS} | {k: arrays[k] for k in OPTIONAL_KEYS if k in arrays}
     labels = arrays["labels"].astype(np.int64)
     images = np.empty((len(labels), *pseudo_x.shape[1:]), dtype=np.float32)
     for i in range(0, len(labels), 10_000):  # chunked: no second full-size copy
