@@ -21,7 +21,7 @@ teacher's images came from), so a million mixtures take a few dozen MB on disk (
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,6 @@ from .soft_labels import digest
 RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")
 OPTIONAL_KEYS = ("mask", "angle", "scale")  # stored only when their options are used
 STORED_KEYS = (*RECIPE_KEYS, *OPTIONAL_KEYS)
-MIXTURE_OPTIONS = ("max_shift", "min_brightness", "mask", "max_rotation", "max_scale")  # how, not how many
 _LATER = ("mask", "max_rotation", "max_scale")  # options added later: hashed only when used
 RESULTS = "mixtures.npz"
 
@@ -87,6 +86,10 @@ class MixtureConfig:
         return {k: v for k, v in asdict(self).items() if k not in _LATER or v}
 
 
+# How mixtures look (what a budget's `mixture_options` may set), not how many, which draw or how they are split.
+MIXTURE_OPTIONS = tuple(f.name for f in fields(MixtureConfig) if f.name not in ("count", "seed", "shard_size"))
+
+
 def draw_recipes(rng: np.random.Generator, n: int, num_samples: int, config: MixtureConfig,
                  image_size: tuple[int, int]) -> dict[str, np.ndarray]:
     """`n` random mixture recipes over `num_samples` pseudo samples of `image_size` (H, W) pixels (arrays keyed by
@@ -119,7 +122,7 @@ def rotate_and_zoom(images: np.ndarray, angle: np.ndarray, scale: np.ndarray, fi
     the same whatever batch it is in: the images the teacher labelled can be rebuilt exactly.
     """
     n, _, h, w = images.shape
-    theta = np.deg2rad(angle.astype(np.float32))
+    theta, scale = np.deg2rad(angle.astype(np.float32)), scale.astype(np.float32)  # the grid stays float32
     cos = (np.cos(theta) / scale)[:, None, None]
     sin = (np.sin(theta) / scale)[:, None, None]
     px = (np.arange(w, dtype=np.float32) - np.float32((w - 1) / 2))[None, None, :]  # pixels from the centre
@@ -129,7 +132,7 @@ def rotate_and_zoom(images: np.ndarray, angle: np.ndarray, scale: np.ndarray, fi
     sy = cos * py - sin * px
     grid = np.stack([np.broadcast_to(2 * sx / w, (n, h, w)), np.broadcast_to(2 * sy / h, (n, h, w))], axis=-1)
     moved = F.grid_sample(torch.from_numpy(np.ascontiguousarray(images - fill)),
-                          torch.from_numpy(grid.astype(np.float32)), mode="bilinear", padding_mode="zeros",
+                          torch.from_numpy(grid), mode="bilinear", padding_mode="zeros",
                           align_corners=False)
     return moved.numpy() + fill
 
