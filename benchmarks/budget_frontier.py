@@ -13,6 +13,8 @@ each a `db3kd run` recipe of its own under --run-dir (cached: a rerun adds only 
   soft label, and with at most 20 mixtures per image (with few images most of the budget is left unspent);
   the defaults before they were measured;
 - budget-rotations: the plan with its mixtures also rotated by up to 15 degrees and zoomed by up to 10%;
+- budget-rounds: the plan with its mixtures bought in 2 rounds, the second's chosen by a selector student
+  trained on the first's (the candidates it is least sure of, of 4 per mixture);
 - ce-only: the teacher's top-1 labels of the first min(Q, N) images;
 - paper: the paper's recipe bought with Q: BD at 40 queries per pair on every pair of the first
   Q / (1 + 9 x 40) images (their labels included), nothing else.
@@ -49,7 +51,8 @@ PAPER_QUERIES_PER_PAIR = 40
 # Budget options of each plan: the defaults, and ablations of what each part of the plan buys.
 STRATEGIES = {"budget": {}, "budget-plain": {"select": "first", "guide": False},
               "budget-half-mixtures": {"mixture_share": 0.5}, "budget-cap20": {"max_mixtures_per_image": 20},
-              "budget-rotations": {"mixture_options": {"max_rotation": 15, "max_scale": 0.1}}}
+              "budget-rotations": {"mixture_options": {"max_rotation": 15, "max_scale": 0.1}},
+              "budget-rounds": {"mixture_options": {"rounds": 2}}}
 RESULTS = ROOT / "benchmarks" / "results" / "budget_frontier.json"
 
 
@@ -129,8 +132,8 @@ def plot(results: dict, dataset: str, path: Path) -> None:
     ax = fig.subplots()
     points = [p for p in results["points"].values() if p["dataset"] == dataset]
     for strategy, colour in zip((*STRATEGIES, "ce-only", "paper"),
-                                ("tab:red", "tab:orange", "tab:pink", "tab:purple", "tab:brown", "tab:blue",
-                                 "tab:green")):
+                                ("tab:red", "tab:orange", "tab:pink", "tab:purple", "tab:brown", "tab:olive",
+                                 "tab:blue", "tab:green")):
         for images, style in zip(sorted({p["images"] for p in points}, reverse=True), ("o-", "s--")):
             line = sorted((p["queries"], 100 * p["mean_test_accuracy"]) for p in points
                           if p["strategy"] == strategy and p["images"] == images)

@@ -84,10 +84,11 @@ def test_a_budget_below_the_images_buys_labels_only(digits_teacher, tmp_path):
 
 
 def test_the_budget_draws_its_mixtures_as_its_mixture_options_say(digits_teacher, tmp_path):
-    raw = budget_recipe(digits_teacher, 3000, mixture_options={"max_rotation": 15, "max_scale": 0.1})
+    raw = budget_recipe(digits_teacher, 3000, mixture_options={"max_rotation": 15, "max_scale": 0.1, "rounds": 2})
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", raw))
     mixtures = recipe.transfer.mixtures
     assert (mixtures.count, mixtures.max_rotation, mixtures.max_scale, mixtures.max_shift) == (122, 15, 0.1, 3)
+    assert (mixtures.rounds, mixtures.pool) == (2, 4)
     # The resolved recipe (mixtures written out beside the budget) reads back as the same plan.
     again = parse_recipe(dataclasses.asdict(recipe))
     assert again.transfer.mixtures == mixtures and again.budget_plan == recipe.budget_plan

@@ -12,6 +12,8 @@ from db3kd import open_oracle
 from db3kd.errors import BudgetExceededError, ConfigError, DataError
 from db3kd.losses import KDLoss
 from db3kd.jobs.mixtures import MixtureConfig, MixtureJob, draw_recipes, label_mixtures, load_mixtures, mixture_images
+from db3kd.jobs.selection import margins
+from db3kd.training import probabilities
 from db3kd.io import save_npz
 from db3kd.transfer import TransferCost, TransferSet
 
@@ -107,10 +109,27 @@ def test_rotated_recipes_are_drawn_last_and_rebuilt_bit_for_bit_in_any_batch():
     (dict(count=5, min_brightness=0), r"min_brightness must be a number in \(0, 1\]"),
     (dict(count=5, shard_size=1.5), "shard_size must be a positive integer, got 1.5"),
     (dict(count=5, mask=1.5), r"mask must be a number in \[0, 1\]"),
+    (dict(count=5, rounds=6), r"rounds must be at most count \(5\)"),
+    (dict(count=5, pool=0), "pool must be a positive integer, got 0"),
+    (dict(count=5, rounds=2, pool=1), "pool must be at least 2 with rounds"),
 ])
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         MixtureConfig(**kwargs)
+
+
+def test_rounds_share_the_count_and_are_hashed_only_when_used():
+    assert MixtureConfig(count=10, rounds=3).round_counts() == [4, 3, 3]
+    assert MixtureConfig(count=10).round_counts() == [10]
+    # Without rounds, the params (and the hash of mixtures bought before rounds existed) are unchanged.
+    assert not {"rounds", "pool"} & set(MixtureConfig(count=10).params())
+    assert not {"rounds", "pool"} & set(MixtureConfig(count=10, pool=8).params())  # no later round to use it
+    assert {k: MixtureConfig(count=10, rounds=2).params()[k] for k in ("rounds", "pool")} == {"rounds": 2, "pool": 4}
+
+
+def _scorer(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
 
 
 @pytest.fixture
@@ -154,6 +173,61 @@ def test_rotated_mixtures_are_rebuilt_as_the_teacher_saw_them(digits_teacher, sy
     images, labels, manifest = load_mixtures(out)
     assert oracle.queries == 400 and manifest["params"]["max_rotation"] == 30
     np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
+
+
+def test_later_rounds_label_the_candidates_the_selector_is_least_sure_of(digits_teacher, synthesis_dir):
+    _, x = synthesis_dir
+    config, scorer = MixtureConfig(count=100, rounds=2, pool=5, shard_size=30), _scorer(0)
+    oracle = open_oracle(digits_teacher)
+    job = MixtureJob(x, config, 10, round=2, scorer=scorer, batch=40)  # 150 candidates scored in 4 chunks
+    got = job(oracle, 0)
+    assert oracle.queries == 30  # the candidates are scored by the selector, not the teacher
+    candidates = [draw_recipes(np.random.default_rng([0, 0, 2, c]), m, len(x), config, (8, 8))
+                  for c, m in enumerate([40, 40, 40, 30])]
+    candidates = {k: np.concatenate([c[k] for c in candidates]) for k in candidates[0]}
+    gaps = margins(probabilities(scorer, mixture_images(x, candidates, oracle.bounds)))
+    chosen = np.flatnonzero(np.isin(candidates["weight"], got["weight"]))
+    assert len(chosen) == 30 and gaps[chosen].max() <= np.delete(gaps, chosen).min()  # the least sure of 150
+    for key, values in candidates.items():
+        np.testing.assert_array_equal(got[key], values[chosen])
+    recipes = {k: v for k, v in got.items() if k != "labels"}
+    np.testing.assert_array_equal(got["labels"], open_oracle(digits_teacher).labels(mixture_images(x, recipes, oracle.bounds)))
+    # Round 1 draws shard s from [seed, s]: no candidate of round 2 repeats one of round 1's (seeds never collide).
+    first = MixtureJob(x, config, 10)
+    drawn = np.concatenate([first(open_oracle(digits_teacher), s)["weight"] for s in range(len(first.shard_sizes()))])
+    assert not np.isin(candidates["weight"], drawn).any()
+    with pytest.raises(ConfigError, match="later rounds' chosen by a selector student; got round 2 without one"):
+        MixtureJob(x, config, 10, round=2)
+
+
+def test_mixtures_in_rounds_train_each_selector_on_the_rounds_before_and_are_merged(digits_teacher, synthesis_dir):
+    out, x = synthesis_dir
+    trained = []
+
+    def selector(round, earlier):
+        images, labels = earlier()
+        trained.append((round, len(images), len(labels)))
+        return _scorer(round)
+
+    oracle = open_oracle(digits_teacher)
+    config = MixtureConfig(count=300, rounds=3, pool=3, shard_size=60)
+    manifest = label_mixtures(oracle, x, config, out / "mixtures", {}, progress=False, selector=selector)
+    assert trained == [(2, 100, 100), (3, 200, 200)]
+    assert oracle.queries == manifest["total_queries"] == manifest["queries_sent"] == manifest["count"] == 300
+    assert manifest["shards"] == 6 and [r["count"] for r in manifest["rounds"]] == [100, 100, 100]
+    assert sum(manifest["label_counts"]) == 300
+    images, labels, _ = load_mixtures(out)  # the merged rounds, rebuilt as the teacher saw them
+    assert len(images) == 300 and len(np.unique(images.reshape(300, -1), axis=0)) == 300
+    np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
+    again = open_oracle(digits_teacher)  # finished rounds are not bought again
+    assert label_mixtures(again, x, config, out / "mixtures", {}, progress=False, selector=selector)["count"] == 300
+    assert again.queries == 0
+    # Round 2's shards were chosen by round 2's selector: another one is refused before any query.
+    with pytest.raises(ConfigError, match="scorer_sha256"):
+        label_mixtures(again, x, config, out / "mixtures", {}, progress=False, selector=lambda r, _: _scorer(r + 7))
+    assert again.queries == 0
+    with pytest.raises(ConfigError, match="mixtures in 3 rounds need a selector student"):
+        label_mixtures(again, x, config, out / "other", {}, progress=False)
 
 
 def test_an_interrupted_run_resumes_to_the_same_mixtures(digits_teacher, synthesis_dir, tmp_path):

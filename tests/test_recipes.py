@@ -367,6 +367,18 @@ def test_teacher_labelled_mixtures_of_real_images(digits_teacher, tmp_path):
     assert "train split, 120 images + 200 mixtures" in report and "plus 200 teacher-labelled mixtures" in report
 
 
+def test_students_steps_change_only_the_students_hashes(digits_teacher):
+    raw = tiny_recipe(digits_teacher)
+    before = {s.name: s for s in plan_stages(parse_recipe(raw))}
+    assert all("steps" not in s.config["train"] for s in before.values() if "train" in s.config)
+    after = {s.name: s for s in plan_stages(parse_recipe(_edit(raw, "students.train", {"steps": 300})))}
+    changed = {name for name in before if before[name].hash != after[name].hash}
+    assert changed and all(name.startswith("students/") for name in changed)
+    assert all(after[name].config["train"]["steps"] == 300 for name in changed)
+    with pytest.raises(ConfigError, match="give epochs or steps, not both"):
+        parse_recipe(_edit(raw, "students.train", {"steps": 300, "epochs": 2}))
+
+
 def test_a_soft_label_stage_is_hashed_on_its_estimator_with_every_default(digits_teacher):
     recipe = parse_recipe(tiny_recipe(digits_teacher))
     before = {s.name: s.hash for s in plan_stages(recipe)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -65,6 +66,19 @@ def test_paper_profile_and_explicit_settings():
     assert TrainConfig(holdout=0).plan(60_000, 1).holdout == 0
     with pytest.raises(ConfigError, match="holdout: 0.1 of 100 images leaves no usable held-out set"):
         TrainConfig(holdout=0.1).plan(100, 1)
+
+
+@pytest.mark.parametrize("profile", ["auto", "paper"])
+def test_steps_give_the_epochs_rounded_up(profile):
+    # Fashion-MNIST's 55,000 training images at batch 128 are 430 steps per epoch: 17,200 steps are 40 epochs.
+    assert TrainConfig(steps=17_200, batch_size=128).plan(60_000, 1).epochs == 40
+    assert TrainConfig(profile=profile, steps=17_201, batch_size=128, holdout=0.1).plan(60_000, 1).epochs == 41
+    assert TrainConfig(profile=profile, steps=1, holdout=0).plan(60_000, 1).epochs == 1  # no floor when asked for
+    assert TrainConfig(profile=profile).to_dict() == {k: v for k, v in asdict(TrainConfig(profile=profile)).items()
+                                                      if k != "steps"}  # absent unless given: old hashes kept
+    assert TrainConfig(steps=5).to_dict()["steps"] == 5
+    with pytest.raises(ConfigError, match="give epochs or steps, not both"):
+        TrainConfig(epochs=3, steps=100)
 
 
 def test_augmentation_shifts_crops_and_flips_each_image():
@@ -158,13 +172,14 @@ def test_training_is_reproducible_with_a_seed():
 
 @pytest.mark.parametrize("field,value,match", [
     ("epochs", 0, "epochs must be a positive integer"),
+    ("steps", 0, "steps must be a positive integer"),
     ("batch_size", 2.5, "batch_size must be a positive integer"),
     ("lr", -1.0, r"lr must be a number in \(0, inf\), got -1.0"),
     ("profile", "fast", "profile must be 'auto' or 'paper', got 'fast'"),
     ("augment", "flip", "augment must be 'auto', 'none', 'shift' or 'crop-flip', got 'flip'"),
     ("holdout", 0.9, r"holdout must be a number in \[0, 0.5\), got 0.9"),
     ("weight_decay", -0.1, r"weight_decay must be a number in \[0, inf\), got -0.1"),
-], ids=["zero-epochs", "float-batch", "negative-lr", "bad-profile", "bad-augment", "big-holdout", "negative-decay"])
+], ids=["zero-epochs", "zero-steps", "float-batch", "negative-lr", "bad-profile", "bad-augment", "big-holdout", "negative-decay"])
 def test_train_config_rejects_bad_values(field, value, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig(**{field: value})

@@ -228,7 +228,7 @@ def _edit(raw: dict, path: str, value) -> dict:
     ("transfer.mixtures", {"count": 0}, r"^transfer\.mixtures\.count: must be a positive integer, got 0$"),
     ("transfer.mixtures", {"max_shift": 1}, r"^transfer\.mixtures\.count: missing; MixtureConfig needs count$"),
     ("transfer.mixtures", {"count": 5, "max_shfit": 1},
-     r"^transfer\.mixtures\.max_shfit: unknown key; expected one of count, max_shift, min_brightness, mask, max_rotation, max_scale, seed, shard_size$"),
+     r"^transfer\.mixtures\.max_shfit: unknown key; expected one of count, max_shift, min_brightness, mask, max_rotation, max_scale, rounds, pool, seed, shard_size$"),
     ("transfer.mixtures", {"count": 5, "min_brightness": 1.5},
      r"^transfer\.mixtures\.min_brightness: must be a number in \(0, 1\], got 1\.5$"),
     ("transfer.mixtures", {"count": 5, "max_shift": 1.5}, r"^transfer\.mixtures\.max_shift: expected int, got 1\.5$"),
@@ -301,7 +301,8 @@ def test_mixtures_are_parsed_with_their_defaults(digits_teacher, mix_run):
     recipe = parse_recipe(mixture_recipe(digits_teacher))
     assert recipe.transfer.mixtures == MixtureConfig(**MIXTURES)  # with its defaults
     assert resolved(mix_run[0])["transfer"]["mixtures"] == {**MIXTURES, "min_brightness": 0.3, "mask": 0.0,
-                                                           "max_rotation": 0.0, "max_scale": 0.0, "seed": 0}
+                                                           "max_rotation": 0.0, "max_scale": 0.0, "rounds": 1,
+                                                           "pool": 4, "seed": 0}
     assert parse_recipe(zero_shot_recipe(digits_teacher)).transfer.mixtures is None  # optional
     real = {**mixture_recipe(digits_teacher), "transfer": {"split": "train", "mixtures": {"count": 5}}}
     assert parse_recipe(real).transfer.mixtures.count == 5  # of real images too (tests/test_recipes.py runs one)
@@ -325,6 +326,22 @@ def test_zero_shot_students_train_on_the_mixtures_and_count_their_queries(mix_ru
     kd = read(run_dir / "students/standard-kd-lenet5-fifth-seed0/metrics.json")  # white-box: the pseudo samples only
     assert kd["train_samples"] == 30 and kd["teacher_queries"]["total"] == synthesis
     assert kd["teacher_queries"]["mixtures"] == 0
+
+
+def test_mixtures_in_rounds_are_chosen_by_a_selector_student_and_counted_once(digits_teacher, tmp_path):
+    raw = mixture_recipe(digits_teacher)
+    raw["transfer"]["mixtures"] = {**MIXTURES, "rounds": 2, "pool": 3}
+    run_dir = tmp_path / "run"
+    assert run(raw, tmp_path, run_dir) == dict.fromkeys(MIX_STAGES, "done")
+    mixed = read(run_dir / "mixtures/manifest.json")
+    assert mixed["total_queries"] == mixed["count"] == 200 and [r["count"] for r in mixed["rounds"]] == [100, 100]
+    assert read(run_dir / "mixtures/stage.json")["config"]["selector"]["arch"] == "lenet5-fifth"
+    selector = read(run_dir / "mixtures/selector2/metrics.json")  # the pseudo samples and round 1's mixtures
+    assert selector["method"] == "selector" and selector["train_samples"] == 30 + 100
+    assert selector["mixture_samples"] == selector["teacher_queries"]["mixtures"] == 100
+    student = read(run_dir / "students/bd-lenet5-fifth-seed0/metrics.json")
+    assert student["train_samples"] == 230 and student["teacher_queries"]["mixtures"] == 200
+    assert set(run(raw, tmp_path, run_dir).values()) == {"skipped"}
 
 
 def test_report_counts_the_mixtures_in_the_total_queries(mix_run, monkeypatch):

@@ -77,7 +77,7 @@ class BudgetSpec:
             raise ConfigError(f"mixture_options: unknown option {unknown[0]!r}; expected some of "
                               f"{', '.join(MIXTURE_OPTIONS)}")
         try:
-            MixtureConfig(count=1, **self.mixture_options)
+            MixtureConfig(count=2**31, **self.mixture_options)  # the count is the plan's: a large one fits any rounds
         except ConfigError as e:
             raise ConfigError(f"mixture_options: {e}") from None
 

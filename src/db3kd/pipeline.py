@@ -2,7 +2,8 @@
 
     RUN_DIR/recipe.resolved.yaml                      the recipe with every default and path resolved
     RUN_DIR/synthesize/                               zero-shot: the pseudo samples (db3kd.synthesis.synthesize)
-    RUN_DIR/mixtures/                                 zero-shot, optional: teacher-labelled mixtures of them
+    RUN_DIR/mixtures/                                 optional: teacher-labelled mixtures of the transfer images
+    RUN_DIR/mixtures/round<r>/, selector<r>/          ... bought in rounds: each round's, and the student choosing it
     RUN_DIR/soft_labels/<name>/                       a soft-label stage (compute_soft_labels: npz + manifest)
     RUN_DIR/students/<name>-<arch>-seed<k>/           a student distilled on stage <name>'s soft labels
     RUN_DIR/students/<name>-q<Q>-<arch>-seed<k>/      ... on an mbd stage's distances at Q queries per pair
@@ -12,6 +13,8 @@
 
 Zero-shot (`transfer.synthesize`), the synthesize stage's pseudo samples are the transfer set of every other
 stage; with `transfer.mixtures`, every student but `standard-kd` also trains on the mixtures stage's images.
+Mixtures in rounds are chosen by selector students trained like the recipe's first student, so editing
+`students.train` or the first architecture buys them again.
 
 Every stage directory holds a `stage.json` with the hash of its resolved config and of its inputs (whose
 hashes hold their own inputs'). It says "running" while the stage works and "done" once its results are
@@ -84,6 +87,11 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
     students, then baselines)."""
     stages: list[Stage] = []
     mixtures: list[str] = []  # what students that also train on the mixtures read besides their own inputs
+    train = {k: v for k, v in recipe.students.train.to_dict().items() if k != "seed"}  # seeds: per student
+    if recipe.transfer.mixtures is not None:
+        mixture_config = {"kind": "mixtures", "params": recipe.transfer.mixtures.params()}
+        if recipe.transfer.mixtures.rounds > 1:  # later rounds are chosen by a student like the recipe's first
+            mixture_config["selector"] = {"arch": recipe.students.arch[0], "train": train}
     if recipe.transfer.zero_shot:
         data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": "pseudo"}
         stages.append(Stage(SYNTHESIZE, "synthesize", {**data, "kind": "synthesize",
@@ -92,19 +100,15 @@ def plan_stages(recipe: Recipe, teacher_id: str = "") -> list[Stage]:
         if recipe.transfer.mixtures is not None:
             # Its own stage, hashed on the synthesize stage's: new mixture parameters never recompute the pseudo
             # samples, and new pseudo samples always recompute the mixtures.
-            stages.append(Stage(MIXTURES, "mixtures",
-                                {**data, "kind": "mixtures", "params": recipe.transfer.mixtures.params()},
-                                [SYNTHESIZE]))
+            stages.append(Stage(MIXTURES, "mixtures", {**data, **mixture_config}, [SYNTHESIZE]))
             mixtures = [MIXTURES]
     else:
         data = {"teacher": teacher_id, "dataset": recipe.dataset.name, "split": recipe.transfer.split,
                 "transfer_subset": recipe.transfer.subset}
         transfer_inputs = []
         if recipe.transfer.mixtures is not None:  # mixtures of the real transfer images
-            stages.append(Stage(MIXTURES, "mixtures",
-                                {**data, "kind": "mixtures", "params": recipe.transfer.mixtures.params()}))
+            stages.append(Stage(MIXTURES, "mixtures", {**data, **mixture_config}))
             mixtures = [MIXTURES]
-    train = {k: v for k, v in dataclasses.asdict(recipe.students.train).items() if k != "seed"}  # seeds: per student
     loss = dataclasses.asdict(recipe.students.loss)
     for name, spec in recipe.soft_labels.items():
         # The estimator with every default filled in: new defaults (a new search) give new results, not stale ones.
@@ -370,13 +374,40 @@ def _synthesize_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
 
 
 def _mixtures_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
+    import torch
+
     from .jobs.mixtures import MixtureConfig, label_mixtures
 
-    source = {"pseudo": SYNTHESIZE} if ctx.recipe.transfer.zero_shot else {"images": ctx.source}
+    zero_shot = ctx.recipe.transfer.zero_shot
+    source = {"pseudo": SYNTHESIZE} if zero_shot else {"images": ctx.source}
+    config = MixtureConfig(**stage.config["params"])
+    threads = torch.get_num_threads()  # the selectors train on them all, not under the teacher's thread policy
+
+    def selector(round: int, earlier) -> torch.nn.Module:
+        """The student choosing round `round`'s mixtures: trained on those before it (and the pseudo samples,
+        labelled by the synthesis), like the recipe's first student."""
+        from .jobs.selection import train_selector
+        from .training import TrainConfig
+
+        def transfer() -> TransferSet:
+            x, y = earlier()
+            if not zero_shot:
+                return TransferSet(x, y, None, TransferCost(mixtures=len(x)), "mixtures")
+            pseudo_x, pseudo_y, _ = ctx.pseudo  # held out from, as for the students; the mixtures are added
+            base = TransferSet(pseudo_x, pseudo_y, None, TransferCost(synthesis=ctx.synthesis_queries()), ctx.source)
+            return base.with_mixtures(x, y, len(x))
+
+        spec, policy = stage.config["selector"], torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return train_selector(out / f"selector{round}", spec["arch"], ctx.info, transfer,
+                                  TrainConfig(**spec["train"], seed=config.seed), ctx.test, ctx.progress)
+        finally:
+            torch.set_num_threads(policy)
+
     with ctx.teacher.thread_policy():
-        manifest = label_mixtures(ctx.oracle, ctx.mixture_pool, MixtureConfig(**stage.config["params"]), out,
-                                  {"teacher": ctx.recipe.teacher, **source}, progress=ctx.progress,
-                                  executor=ctx.executor)
+        manifest = label_mixtures(ctx.oracle, ctx.mixture_pool, config, out, {"teacher": ctx.recipe.teacher, **source},
+                                  progress=ctx.progress, executor=ctx.executor, selector=selector)
     return {"teacher_queries": {"transfer": manifest["total_queries"], "eval": 0}, "mixtures": manifest["count"],
             "mixture_seconds": manifest["seconds"]}
 

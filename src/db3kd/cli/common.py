@@ -89,6 +89,8 @@ def add_training_args(parser: argparse.ArgumentParser) -> None:
                             "held-out tenth of the transfer set choosing the epoch; paper: batch 512, 10 epochs, "
                             "nothing else (the DB3KD reference code)")
     group.add_argument("--epochs", type=int, help="default: from the profile")
+    group.add_argument("--steps", type=int,
+                       help="optimizer steps over the run instead of --epochs (auto profile's default: 5000)")
     group.add_argument("--batch-size", type=int, help="default: from the profile")
     group.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate, cosine-decayed (default 1e-3)")
     group.add_argument("--augment", choices=("auto", "none", "shift", "crop-flip"), default="auto",
@@ -105,8 +107,8 @@ def train_config(args):
     """The `TrainConfig` of `add_training_args`' options."""
     from ..training import TrainConfig
 
-    return TrainConfig(profile=args.profile, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       augment=args.augment, holdout=args.holdout, seed=args.seed, device=args.device)
+    return TrainConfig(profile=args.profile, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+                       lr=args.lr, augment=args.augment, holdout=args.holdout, seed=args.seed, device=args.device)
 
 
 def add_budget_arg(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ teacher's images came from), so a million mixtures take a few dozen MB on disk (
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,17 +30,19 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import integer, number
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..executors import Executor
-from ..io import load_json, load_npz, save_npz
+from ..io import load_json, load_npz, save_npz, write_json
 from ..oracle import LabelOracle
+from ..training import probabilities
 from .runner import MANIFEST, ShardedJob, run_job
+from .selection import margins
 from .soft_labels import digest
 
 RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")
 OPTIONAL_KEYS = ("mask", "angle", "scale")  # stored only when their options are used
 STORED_KEYS = (*RECIPE_KEYS, *OPTIONAL_KEYS)
-_LATER = ("mask", "max_rotation", "max_scale")  # options added later: hashed only when used
+_LATER = ("mask", "max_rotation", "max_scale", "rounds", "pool")  # options added later: hashed only when used
 RESULTS = "mixtures.npz"
 
 
@@ -59,7 +62,14 @@ class MixtureConfig:
         max_scale: largest zoom, as a zoom factor in [1 - max_scale, 1 + max_scale] about the centre (0: none).
             Rotations and zooms keep mixtures of real images near the images' manifold (handwriting and photos
             are seen tilted and at other sizes), where few images leave the teacher's decisions unseen.
-        seed: seeds the draws (shard s draws from seed [seed, s]).
+        rounds: rounds of draw -> label -> train a selector student. Round 1 draws at random; each later round
+            draws `pool` times its share of candidates, keeps those the selector (trained on every mixture
+            labelled so far, and the pseudo samples when zero-shot) is least sure of, and labels only those:
+            queries go where the student still has to learn the teacher's decisions. The count is shared
+            evenly between the rounds.
+        pool: candidates drawn per mixture kept, in rounds after the first (no query: the selector scores them);
+            at least 2 with rounds.
+        seed: seeds the draws (shard s draws from seed [seed, s]; after round 1, candidates from [seed, s, r, chunk]).
         shard_size: mixtures per shard.
     """
 
@@ -69,21 +79,37 @@ class MixtureConfig:
     mask: float = 0.0
     max_rotation: float = 0.0
     max_scale: float = 0.0
+    rounds: int = 1
+    pool: int = 4
     seed: int = 0
     shard_size: int = 50_000
 
     def __post_init__(self):
-        for name, low in (("count", 1), ("max_shift", 0), ("shard_size", 1), ("seed", None)):
+        for name, low in (("count", 1), ("max_shift", 0), ("rounds", 1), ("pool", 1), ("shard_size", 1),
+                          ("seed", None)):
             integer(getattr(self, name), name, low)
+        if self.rounds > self.count:
+            raise ConfigError(f"rounds must be at most count ({self.count}): every round labels some mixtures, "
+                              f"got {self.rounds}")
+        if self.rounds > 1 and self.pool < 2:
+            raise ConfigError(f"pool must be at least 2 with rounds (candidates to choose from), got {self.pool}")
         number(self.min_brightness, "min_brightness", 0, 1)
         number(self.mask, "mask", 0, 1, closed="both")
         number(self.max_rotation, "max_rotation", 0, 180, closed="both")
         number(self.max_scale, "max_scale", 0, 1, closed="low")
 
     def params(self) -> dict:
-        """The config as hashed and recorded: the options added later (`mask`, `max_rotation`, `max_scale`) only
-        when used, so mixtures made before they existed keep their hash (and are not bought again)."""
-        return {k: v for k, v in asdict(self).items() if k not in _LATER or v}
+        """The config as hashed and recorded: the options added later (`_LATER`) only when not at their
+        defaults, so mixtures made before they existed keep their hash (and are not bought again); `pool` only
+        with rounds to use it."""
+        defaults = MixtureConfig(count=1)
+        return {k: v for k, v in asdict(self).items()
+                if k not in _LATER or (self.rounds > 1 if k == "pool" else v != getattr(defaults, k))}
+
+    def round_counts(self) -> list[int]:
+        """Mixtures labelled in each round (the count shared evenly, the first rounds taking the remainder)."""
+        share, extra = divmod(self.count, self.rounds)
+        return [share + (r < extra) for r in range(self.rounds)]
 
 
 # How mixtures look (what a budget's `mixture_options` may set), not how many, which draw or how they are split.
@@ -161,22 +187,34 @@ def mixture_images(x: np.ndarray, recipes: dict[str, np.ndarray], bounds: tuple[
 
 @dataclass
 class MixtureJob(ShardedJob):
-    """Draws and labels mixtures shard by shard (a `db3kd.jobs.runner.ShardedJob`; a shard may run on Ray)."""
+    """Draws and labels one round's mixtures shard by shard (a `db3kd.jobs.runner.ShardedJob`; a shard may run on
+    Ray); after round 1, of `config.pool` candidates per mixture, those `scorer` is least sure of."""
 
     pseudo_x: np.ndarray = field(repr=False)
     config: MixtureConfig
     num_classes: int
+    round: int = 1
+    scorer: torch.nn.Module | None = field(default=None, repr=False)
     batch: int = 5000  # images built and sent at once: a shard's images never sit in memory all at once
     name = "mixtures"
     unit = "img"
 
+    def __post_init__(self):
+        if (self.scorer is None) != (self.round == 1):
+            raise ConfigError(f"round 1's mixtures are drawn at random and later rounds' chosen by a selector student; "
+                              f"got round {self.round} {'without' if self.scorer is None else 'with'} one")
+
     def fingerprint(self) -> dict:
         # The pseudo samples enter by their hash: other samples' shards are never mixed with these.
-        return {**self.config.params(), "pseudo_samples_sha256": digest(self.pseudo_x)}
+        found = {**self.config.params(), "pseudo_samples_sha256": digest(self.pseudo_x)}
+        if self.scorer is not None:  # a retrained selector chooses other mixtures
+            found.update(round=self.round, scorer_sha256=digest(*(p.detach().cpu().numpy()
+                                                                  for p in self.scorer.state_dict().values())))
+        return found
 
     def shard_sizes(self) -> list[int]:
-        c = self.config
-        return [min(c.shard_size, c.count - start) for start in range(0, c.count, c.shard_size)]
+        count, size = self.config.round_counts()[self.round - 1], self.config.shard_size
+        return [min(size, count - start) for start in range(0, count, size)]
 
     def known_cost(self, shards: list[int]) -> int:
         sizes = self.shard_sizes()
@@ -184,30 +222,86 @@ class MixtureJob(ShardedJob):
 
     def __call__(self, oracle: LabelOracle, shard: int) -> dict[str, np.ndarray]:
         n = self.shard_sizes()[shard]
-        recipes = draw_recipes(np.random.default_rng([self.config.seed, shard]), n, len(self.pseudo_x), self.config,
-                               self.pseudo_x.shape[2:])
+        if self.scorer is None:
+            recipes = draw_recipes(np.random.default_rng([self.config.seed, shard]), n, len(self.pseudo_x),
+                                   self.config, self.pseudo_x.shape[2:])
+        else:
+            recipes = self._least_sure(n, shard, oracle.bounds)
         labels = np.empty(n, dtype=np.int64)
         for i in range(0, n, self.batch):
             part = {k: v[i:i + self.batch] for k, v in recipes.items()}
             labels[i:i + self.batch] = oracle.labels(mixture_images(self.pseudo_x, part, oracle.bounds))
         return dict(**recipes, labels=labels)
 
+    def _least_sure(self, n: int, shard: int, bounds) -> dict[str, np.ndarray]:
+        """The `n` of `n * pool` candidate recipes the scorer is least sure of, in draw order (no query)."""
+        draws = n * self.config.pool
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the same margins, so the same mixtures, whatever executor or machine scores them
+        try:
+            chunks, gaps = [], []
+            for c, start in enumerate(range(0, draws, self.batch)):  # never all candidates' images (or masks) at once
+                # [seed, shard, round, c]: round >= 2, so no stream of round 1's [seed, shard] is drawn again.
+                rng = np.random.default_rng([self.config.seed, shard, self.round, c])
+                chunk = draw_recipes(rng, min(self.batch, draws - start), len(self.pseudo_x), self.config,
+                                     self.pseudo_x.shape[2:])
+                gaps.append(margins(probabilities(self.scorer, mixture_images(self.pseudo_x, chunk, bounds))))
+                chunks.append(chunk)
+        finally:
+            torch.set_num_threads(threads)
+        keep = np.sort(np.argsort(np.concatenate(gaps), kind="stable")[:n])
+        return {k: np.concatenate([chunk[k] for chunk in chunks])[keep] for k in chunks[0]}
+
     def merge(self, merged: dict[str, np.ndarray], out: Path) -> dict:
         save_npz(out / RESULTS, **{k: merged[k] for k in (*STORED_KEYS, "labels") if k in merged})
-        return {"params": self.config.params(), "count": self.config.count,
+        return {"params": self.config.params(), "count": len(merged["labels"]),
                 "label_counts": np.bincount(merged["labels"], minlength=self.num_classes).tolist()}
 
 
+# selector(round, earlier) -> the student choosing round `round`'s mixtures; `earlier()` gives the images and
+# labels of the mixtures before it (rebuilt only when called: a finished selector need not see them again).
+Selector = Callable[[int, Callable[[], tuple[np.ndarray, np.ndarray]]], torch.nn.Module]
+SUMMED = ("total_queries", "queries_sent", "queries_discarded", "queries_unconfirmed", "attempts_discarded", "shards",
+          "seconds", "cost_usd", "sent_usd")  # a manifest's figures that add up over the rounds
+
+
 def label_mixtures(oracle: LabelOracle, pseudo_x: np.ndarray, config: MixtureConfig, out_dir: str | os.PathLike,
-                   run_info: dict, progress: bool = True, executor: Executor | None = None) -> dict:
+                   run_info: dict, progress: bool = True, executor: Executor | None = None,
+                   selector: Selector | None = None) -> dict:
     """Draw and label `config.count` mixtures of `pseudo_x` into `out_dir`, resuming finished shards.
 
     Writes `mixtures.npz` (the recipe arrays, `labels` (count,)) and `manifest.json` (queries, label
     counts per class); returns the manifest. `run_info` goes into the fingerprint and the manifest.
-    `executor` (`db3kd.executors`) computes the shards, here by default or on Ray.
+    `executor` (`db3kd.executors`) computes the shards, here by default or on Ray. With `config.rounds` > 1,
+    round r's mixtures go to `out_dir`/round<r> (each resumable), chosen by `selector` (see `Selector`), and are
+    then merged into `out_dir`; the manifest sums the rounds' queries and lists each round's.
     """
     info = {**run_info, "bounds": list(oracle.bounds)}
-    return run_job(MixtureJob(pseudo_x, config, oracle.num_classes), oracle, out_dir, info, executor, progress)
+    if config.rounds == 1:
+        return run_job(MixtureJob(pseudo_x, config, oracle.num_classes), oracle, out_dir, info, executor, progress)
+    if selector is None:
+        raise ConfigError(f"mixtures in {config.rounds} rounds need a selector student to choose them")
+    out = Path(out_dir)
+
+    def earlier(r: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = [read_mixtures(out / f"round{k}", pseudo_x)[:2] for k in range(1, r)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    rounds = []
+    for r in range(1, config.rounds + 1):
+        scorer = None if r == 1 else selector(r, lambda: earlier(r))
+        rounds.append(run_job(MixtureJob(pseudo_x, config, oracle.num_classes, r, scorer), oracle, out / f"round{r}",
+                              info, executor, progress))
+    arrays = [load_npz(out / f"round{r}" / RESULTS, "rerun") for r in range(1, config.rounds + 1)]
+    merged = {k: np.concatenate([a[k] for a in arrays]) for k in (*STORED_KEYS, "labels") if k in arrays[0]}
+    save_npz(out / RESULTS, **merged)
+    write_json(out / "fingerprint.json", load_json(out / "round1" / "fingerprint.json", "rerun"))
+    manifest = {**{k: v for k, v in rounds[0].items() if k not in ("shard_queries", "executor")},
+                **{k: sum(m[k] for m in rounds) for k in SUMMED if k in rounds[0]},
+                "params": config.params(), "count": len(merged["labels"]),
+                "label_counts": np.bincount(merged["labels"], minlength=oracle.num_classes).tolist(), "rounds": rounds}
+    write_json(out / MANIFEST, manifest)
+    return manifest
 
 
 def load_mixtures(synthesis_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -13,6 +13,7 @@ student can guide the searches (`db3kd.robustness.guide`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,13 @@ from ..transfer import TransferCost, TransferSet
 from .students import METRICS, train_student
 
 SELECTIONS = ("first", "uncertain")  # which images: the first ones, or those the selector is least sure of
+
+
+def margins(probs: np.ndarray) -> np.ndarray:
+    """(N,) the gap between the two most probable classes of each row of (N, K) `probs`: small where the
+    selector is unsure."""
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
 
 
 def select_pairs(labels: np.ndarray, count: int, select: str = "first", classes_per_image: int | None = None,
@@ -55,8 +63,7 @@ def select_pairs(labels: np.ndarray, count: int, select: str = "first", classes_
     if select == "first":
         indices = np.arange(count)
     else:
-        top2 = np.sort(probs, axis=1)[:, -2:]
-        indices = np.sort(np.argsort(top2[:, 1] - top2[:, 0], kind="stable")[:count])
+        indices = np.sort(np.argsort(margins(probs), kind="stable")[:count])
     if classes_per_image is None:
         return indices, None
     k = probs.shape[1]
@@ -70,17 +77,25 @@ def select_pairs(labels: np.ndarray, count: int, select: str = "first", classes_
     return indices, targets
 
 
+def train_selector(out_dir: str | os.PathLike, arch: str, info: DatasetInfo,
+                   transfer: TransferSet | Callable[[], TransferSet], config: TrainConfig,
+                   test: tuple[np.ndarray, np.ndarray | None], progress: bool = True) -> torch.nn.Module:
+    """A selector student of `arch` trained on `transfer` (the teacher's labels, already paid for: no query; or
+    a function making it, called only if needed) into `out_dir`; a finished selector there is reused, an
+    interrupted one resumes. Its metrics.json records its test accuracy and what its data cost."""
+    out = Path(out_dir)
+    if not (out / METRICS).is_file():
+        train_student(out, arch, info, transfer() if callable(transfer) else transfer, test, config,
+                      extra_metrics={"method": "selector"}, progress=progress)
+    return load_checkpoint(out / "model.pt")[0]
+
+
 def selector_probabilities(out_dir: str | os.PathLike, arch: str, info: DatasetInfo, x: np.ndarray,
                            labels: np.ndarray, cost: TransferCost, config: TrainConfig,
                            test: tuple[np.ndarray, np.ndarray | None],
                            progress: bool = True) -> tuple[torch.nn.Module, np.ndarray]:
-    """A selector student of `arch` trained on `x` with the teacher's `labels` (hard labels already paid for: no
-    query) into `out_dir`, and its (N, K) probabilities of `x`; a finished selector there is reused, an
-    interrupted one resumes. `cost` is what its training data cost (bought by the caller), recorded with its
-    test accuracy in its metrics.json."""
-    out = Path(out_dir)
-    if not (out / METRICS).is_file():
-        transfer = TransferSet(x, labels.astype(np.int64), None, cost, "teacher's labels")
-        train_student(out, arch, info, transfer, test, config, extra_metrics={"method": "selector"}, progress=progress)
-    model, _ = load_checkpoint(out / "model.pt")
+    """A selector (`train_selector`) trained on `x` with the teacher's `labels`, which cost `cost`, and its (N, K)
+    probabilities of `x`."""
+    transfer = TransferSet(x, labels.astype(np.int64), None, cost, "teacher's labels")
+    model = train_selector(out_dir, arch, info, transfer, config, test, progress)
     return model, probabilities(model, x)

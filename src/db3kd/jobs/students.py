@@ -78,7 +78,7 @@ def train_student(out_dir: str | os.PathLike, arch: str, info: DatasetInfo, tran
         plan=asdict(result.plan),
         seconds=round(time.perf_counter() - started, 2),
         onnx_argmax_agreement=onnx_agreement(onnx_path, model, x_test),
-        config=asdict(config),
+        config=config.to_dict(),
         loss=asdict(kd) if kd is not None else "cross-entropy",
         teacher_queries=cost.to_dict(),
         history=result.history,
