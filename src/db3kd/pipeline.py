@@ -387,7 +387,7 @@ def _mixtures_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
         """The student choosing round `round`'s mixtures: trained on those before it (and the pseudo samples,
         labelled by the synthesis), like the recipe's first student."""
         from .jobs.selection import train_selector
-        from .training import TrainConfig
+        from .training import TrainConfig, torch_threads
 
         def transfer() -> TransferSet:
             x, y = earlier()
@@ -397,13 +397,10 @@ def _mixtures_stage(ctx: _Context, stage: Stage, out: Path) -> dict:
             base = TransferSet(pseudo_x, pseudo_y, None, TransferCost(synthesis=ctx.synthesis_queries()), ctx.source)
             return base.with_mixtures(x, y, len(x))
 
-        spec, policy = stage.config["selector"], torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        spec = stage.config["selector"]
+        with torch_threads(threads):
             return train_selector(out / f"selector{round}", spec["arch"], ctx.info, transfer,
                                   TrainConfig(**spec["train"], seed=config.seed), ctx.test, ctx.progress)
-        finally:
-            torch.set_num_threads(policy)
 
     with ctx.teacher.thread_policy():
         manifest = label_mixtures(ctx.oracle, ctx.mixture_pool, config, out, {"teacher": ctx.recipe.teacher, **source},

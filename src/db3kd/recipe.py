@@ -260,10 +260,9 @@ class Recipe:
             method="bd", params={"queries_per_pair": plan.queries_per_pair}, subset=plan.soft_labelled,
             hard_labels_for_rest=plan.soft_labelled < plan.labelled, select=plan.select,
             classes_per_image=plan.classes_per_image, guide=plan.guide)}
-        options = dict(self.budget.mixture_options)
-        if "rounds" in options:  # a plan buying fewer mixtures than rounds buys one per round
-            options["rounds"] = min(options["rounds"], max(plan.mixtures, 1))
-        mixtures = MixtureConfig(count=plan.mixtures, **options) if plan.mixtures else None
+        options = self.budget.mixture_options
+        rounds = min(options.get("rounds", 1), plan.mixtures)  # fewer mixtures than rounds: one per round
+        mixtures = MixtureConfig(count=plan.mixtures, **{**options, "rounds": rounds}) if plan.mixtures else None
         if self.soft_labels or self.transfer.mixtures is not None:  # a resolved recipe: the same plan, or an edit
             _expect(self.soft_labels == soft and self.transfer.mixtures == mixtures
                     and self.transfer.subset == plan.labelled, "budget",

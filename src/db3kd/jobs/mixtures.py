@@ -20,6 +20,7 @@ teacher's images came from), so a million mixtures take a few dozen MB on disk (
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -34,10 +35,10 @@ from ..errors import ConfigError, DataError
 from ..executors import Executor
 from ..io import load_json, load_npz, save_npz, write_json
 from ..oracle import LabelOracle
-from ..training import probabilities
+from ..training import probabilities, torch_threads
 from .runner import MANIFEST, ShardedJob, run_job
 from .selection import margins
-from .soft_labels import digest
+from .soft_labels import digest, model_digest
 
 RECIPE_KEYS = ("first", "second", "weight", "dy", "dx", "brightness")
 OPTIONAL_KEYS = ("mask", "angle", "scale")  # stored only when their options are used
@@ -112,7 +113,8 @@ class MixtureConfig:
         return [share + (r < extra) for r in range(self.rounds)]
 
 
-# How mixtures look (what a budget's `mixture_options` may set), not how many, which draw or how they are split.
+# What a budget's `mixture_options` may set: how mixtures look and in how many rounds they are chosen, not how
+# many there are (the plan's), which draw or how they are split into shards.
 MIXTURE_OPTIONS = tuple(f.name for f in fields(MixtureConfig) if f.name not in ("count", "seed", "shard_size"))
 
 
@@ -208,8 +210,7 @@ class MixtureJob(ShardedJob):
         # The pseudo samples enter by their hash: other samples' shards are never mixed with these.
         found = {**self.config.params(), "pseudo_samples_sha256": digest(self.pseudo_x)}
         if self.scorer is not None:  # a retrained selector chooses other mixtures
-            found.update(round=self.round, scorer_sha256=digest(*(p.detach().cpu().numpy()
-                                                                  for p in self.scorer.state_dict().values())))
+            found.update(round=self.round, scorer_sha256=model_digest(self.scorer))
         return found
 
     def shard_sizes(self) -> list[int]:
@@ -235,11 +236,8 @@ class MixtureJob(ShardedJob):
 
     def _least_sure(self, n: int, shard: int, bounds) -> dict[str, np.ndarray]:
         """The `n` of `n * pool` candidate recipes the scorer is least sure of, in draw order (no query)."""
-        draws = n * self.config.pool
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the same margins, so the same mixtures, whatever executor or machine scores them
-        try:
-            chunks, gaps = [], []
+        draws, chunks, gaps = n * self.config.pool, [], []
+        with torch_threads(1):  # the same margins, so the same mixtures, whatever executor or machine scores them
             for c, start in enumerate(range(0, draws, self.batch)):  # never all candidates' images (or masks) at once
                 # [seed, shard, round, c]: round >= 2, so no stream of round 1's [seed, shard] is drawn again.
                 rng = np.random.default_rng([self.config.seed, shard, self.round, c])
@@ -247,8 +245,6 @@ class MixtureJob(ShardedJob):
                                      self.pseudo_x.shape[2:])
                 gaps.append(margins(probabilities(self.scorer, mixture_images(self.pseudo_x, chunk, bounds))))
                 chunks.append(chunk)
-        finally:
-            torch.set_num_threads(threads)
         keep = np.sort(np.argsort(np.concatenate(gaps), kind="stable")[:n])
         return {k: np.concatenate([chunk[k] for chunk in chunks])[keep] for k in chunks[0]}
 
@@ -289,7 +285,7 @@ def label_mixtures(oracle: LabelOracle, pseudo_x: np.ndarray, config: MixtureCon
 
     rounds = []
     for r in range(1, config.rounds + 1):
-        scorer = None if r == 1 else selector(r, lambda: earlier(r))
+        scorer = None if r == 1 else selector(r, functools.partial(earlier, r))
         rounds.append(run_job(MixtureJob(pseudo_x, config, oracle.num_classes, r, scorer), oracle, out / f"round{r}",
                               info, executor, progress))
     arrays = [load_npz(out / f"round{r}" / RESULTS, "rerun") for r in range(1, config.rounds + 1)]

@@ -81,6 +81,11 @@ def check_indices(indices: np.ndarray, size: int, source: str = "indices") -> np
     return indices.astype(np.int64)
 
 
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's weights: what a run records of a student that chose or guided its queries."""
+    return digest(*(t.detach().cpu().numpy() for t in model.state_dict().values()))
+
+
 def digest(*arrays: np.ndarray) -> str:
     """SHA-256 of arrays' bytes: what a run records of data no dataset name identifies (indices, pseudo samples)."""
     h = hashlib.sha256()
@@ -122,8 +127,7 @@ class SoftLabelJob(ShardedJob):
                 "save_points": c.save_points, "num_samples": len(self.indices),
                 "indices_sha256": digest(self.indices.astype(np.int64)), "split_size": len(self.x),
                 **({} if self.targets is None else {"targets_sha256": digest(self.targets)}),
-                **({} if self.guide is None else {"guide_sha256": digest(*(t.detach().cpu().numpy()
-                                                                           for t in self.guide.state_dict().values()))})}
+                **({} if self.guide is None else {"guide_sha256": model_digest(self.guide)})}
 
     def prepare(self, oracle: LabelOracle, out: Path) -> None:
         self.out = str(out)
