@@ -88,8 +88,9 @@ def run_point(raw: dict, run_dir: Path) -> dict:
                 if p.parent.name != "teacher"]
     accuracy = [m["test_accuracy"] for m in students]
     run = json.loads((run_dir / "run.json").read_text())
+    # Seeds from the students on disk: an earlier invocation's seeds stay in the point with this one's.
     return {"queries": max(m["teacher_queries"]["total"] for m in students),
-            "test_accuracy": accuracy, "mean_test_accuracy": statistics.mean(accuracy),
+            "seeds": [m["config"]["seed"] for m in students], "test_accuracy": accuracy, "mean_test_accuracy": statistics.mean(accuracy),
             "mean_fidelity": statistics.mean(m["fidelity"] for m in students),
             "transfer": students[0]["transfer_set"], "train_samples": students[0]["train_samples"],
             "budget": run.get("budget"), "seconds": round(time.perf_counter() - started, 1)}
@@ -119,7 +120,7 @@ def main() -> None:
                     # Read just before writing: another run of this benchmark may have added points meanwhile.
                     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"points": {}}
                     results["points"][raw["name"]] = {"dataset": dataset, "images": images, "strategy": strategy,
-                                                      "budget": budget, "seeds": args.seeds, **point}
+                                                      "budget": budget, **point}
                     print(f"{raw['name']}: {point['mean_test_accuracy']:.4f} with {point['queries']:,} queries",
                           flush=True)
                     write_json(RESULTS, results)

@@ -14,6 +14,7 @@ from db3kd.losses import KDLoss
 from db3kd.jobs.mixtures import MixtureConfig, MixtureJob, draw_recipes, label_mixtures, load_mixtures, mixture_images
 from db3kd.jobs.selection import margins
 from db3kd.training import probabilities
+from db3kd.data.rows import RowStack
 from db3kd.io import save_npz
 from db3kd.transfer import TransferCost, TransferSet
 
@@ -162,7 +163,7 @@ def test_masked_mixtures_are_rebuilt_as_the_teacher_saw_them(digits_teacher, syn
     images, labels, manifest = load_mixtures(out)
     assert oracle.queries == 500 and manifest["params"]["mask"] == 1.0
     np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
-    assert ((images == 0.0).mean(axis=(1, 2, 3)) > 0.2).mean() > 0.5  # most have large parts cut out
+    assert ((np.asarray(images) == 0.0).mean(axis=(1, 2, 3)) > 0.2).mean() > 0.5  # most have large parts cut out
 
 
 def test_rotated_mixtures_are_rebuilt_as_the_teacher_saw_them(digits_teacher, synthesis_dir):
@@ -217,7 +218,7 @@ def test_mixtures_in_rounds_train_each_selector_on_the_rounds_before_and_are_mer
     assert manifest["shards"] == 6 and [r["count"] for r in manifest["rounds"]] == [100, 100, 100]
     assert sum(manifest["label_counts"]) == 300
     images, labels, _ = load_mixtures(out)  # the merged rounds, rebuilt as the teacher saw them
-    assert len(images) == 300 and len(np.unique(images.reshape(300, -1), axis=0)) == 300
+    assert len(images) == 300 and len(np.unique(np.asarray(images).reshape(300, -1), axis=0)) == 300
     np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images), labels)
     again = open_oracle(digits_teacher)  # finished rounds are not bought again
     assert label_mixtures(again, x, config, out / "mixtures", {}, progress=False, selector=selector)["count"] == 300
@@ -301,3 +302,27 @@ def test_mixtures_join_a_transfer_set_with_nan_logits_and_their_cost():
     assert joined.cost == TransferCost(labels=3, soft_labels=50, mixtures=2) and joined.cost.total == 55
     with pytest.raises(DataError, match="expected images shaped"):
         base.with_mixtures(np.ones((2, 1, 28, 28), np.float32), np.array([7, 8]), queries=2)
+
+
+def test_stored_mixtures_are_rebuilt_only_when_indexed(digits_teacher, synthesis_dir):
+    """Read back, mixtures take the memory of their recipes, not of their images; indexing rebuilds exactly the
+    rows asked for, and a transfer set with them stacks them instead of copying."""
+    import tracemalloc
+
+    out, x = synthesis_dir
+    label_mixtures(open_oracle(digits_teacher), x, MixtureConfig(count=60_000, mask=0.5, shard_size=30_000),
+                   out / "mixtures", {"t": 1}, progress=False)
+    tracemalloc.start()
+    images, labels, _ = load_mixtures(out)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert images.shape == (60_000, 1, 8, 8) and peak < 60_000 * 64 * 4 / 2  # the images alone would take 15 MB
+    whole = np.asarray(images)
+    rows = np.array([59_999, 3, 3, 31_000])
+    np.testing.assert_array_equal(images[rows], whole[rows])
+    np.testing.assert_array_equal(images[10:20], whole[10:20])
+    np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images[:500]), labels[:500])
+    base = TransferSet(x, np.arange(20) % 10, None, TransferCost(), "synthesized")
+    mixed = base.with_mixtures(images, labels, 60_000)
+    assert isinstance(mixed.images, RowStack) and len(mixed.images) == 60_020 and mixed.mixtures == 60_000
+    np.testing.assert_array_equal(mixed.images[[0, 19, 20, 60_019]], np.concatenate([x[[0, 19]], whole[[0, 59_999]]]))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .data.images import ImageStore
+from .data.rows import LazyRows
 from .errors import BudgetExceededError, DB3KDError, InputError, TeacherError
 from .teachers.base import LabelBackend
 
@@ -114,7 +115,8 @@ class LabelOracle:
 
         Args:
             x: the images; a NumPy input gets a NumPy answer, a tensor a tensor on x's device; an
-                `ImageStore` (a folder on disk) is read and labelled chunk by chunk, for a NumPy answer.
+                `ImageStore` (a folder on disk) or `LazyRows` (e.g. mixtures) is built and labelled chunk by chunk,
+                for a NumPy answer.
             ids: optional non-negative sample id per image; queries are then also counted per id
                 (see `queries_for`).
 
@@ -123,7 +125,7 @@ class LabelOracle:
             BudgetExceededError: the batch would exceed the budget or the ledger's. Nothing is sent.
             TeacherError: the backend answered something that is not N labels in [0, K).
         """
-        if isinstance(x, ImageStore):
+        if isinstance(x, (ImageStore, LazyRows)):
             if self.budget is not None and self.queries + len(x) > self.budget:
                 raise BudgetExceededError(self.queries, self.budget, len(x))  # the whole store, as for an array
             return np.concatenate([self.labels(chunk, None if ids is None else np.asarray(ids)[start:start + len(chunk)])

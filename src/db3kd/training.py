@@ -236,7 +236,8 @@ def train_classifier(
 
     Args:
         model: maps (N, C, H, W) images to logits; trained in place.
-        x_train: (N, C, H, W) float32 images.
+        x_train: (N, C, H, W) float32 images: an array, or an array-like such as `db3kd.data.rows.LazyRows`
+            (indexed a batch at a time when its `lazy` is true, else read whole).
         y_train: (N,) int64 class labels (ground truth or a teacher's labels).
         config: hyper-parameters; `config.plan` makes them concrete for this set.
         evaluate: called with the model on some epochs (a curve) and on the kept weights at the end; returns
@@ -275,7 +276,9 @@ class _Fit:
         if plan.holdout:  # a random part of the pool (drawn only then: the paper profile's shuffles stay as they were)
             order[:pool] = torch.randperm(pool, generator=self.generator)
         self.train_idx, self.holdout_idx = order[plan.holdout:], order[:plan.holdout]
-        self.x = torch.as_tensor(np.asarray(x_train))  # an ImageStore read whole, in one go
+        # Rows built when indexed (millions of mixtures: `db3kd.data.rows`) are built a batch at a time; other
+        # images (arrays, an ImageStore) are read whole, in one go.
+        self.x = x_train if getattr(x_train, "lazy", False) else torch.as_tensor(np.asarray(x_train))
         self.y = torch.as_tensor(y_train, dtype=torch.int64)
         self.z = None if soft_logits is None else torch.as_tensor(soft_logits, dtype=torch.float32)
         self.steps_per_epoch = math.ceil(plan.train / plan.batch_size)
@@ -325,7 +328,7 @@ class _Fit:
                    disable=None if progress else True)  # None: no bar when not a terminal
         for step in bar:
             idx = order[step * size:(step + 1) * size]
-            xb = augment_batch(self.x[idx], self.plan.augment, self.generator).to(self.device)
+            xb = augment_batch(torch.as_tensor(self.x[idx]), self.plan.augment, self.generator).to(self.device)
             yb = self.y[idx].to(self.device)
             logits = self.model(xb)
             loss = F.cross_entropy(logits, yb) if self.kd is None else self.kd(logits, yb, self.z[idx].to(self.device))

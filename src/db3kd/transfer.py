@@ -14,6 +14,7 @@ import numpy as np
 
 from .data import DATASETS, dataset_info, load_split
 from .data.images import ImageTransform, load_images
+from .data.rows import LazyRows, RowStack
 from .errors import DataError
 from .io import load_json, load_npz
 from .oracle import LabelOracle
@@ -61,7 +62,7 @@ class TransferSet:
     class) pair, `manifest` the soft-label manifest they came from.
     """
 
-    images: np.ndarray = field(repr=False)
+    images: np.ndarray | LazyRows = field(repr=False)  # LazyRows: mixtures, built a batch at a time
     labels: np.ndarray = field(repr=False)
     logits: np.ndarray | None = field(repr=False)
     cost: TransferCost
@@ -77,23 +78,26 @@ class TransferSet:
         """Rows that are not mixtures (real images or pseudo samples)."""
         return len(self.images) - self.mixtures
 
-    def with_mixtures(self, images: np.ndarray, labels: np.ndarray, queries: int) -> TransferSet:
+    def with_mixtures(self, images: np.ndarray | LazyRows, labels: np.ndarray, queries: int) -> TransferSet:
         """This set plus teacher-labelled mixtures, which have a hard label but no soft label (NaN logits, so
         the distillation loss gives them its cross-entropy term only; see `db3kd.losses.KDLoss`)."""
         extended = self._with_hard_labels(images, labels)
         return replace(extended, mixtures=self.mixtures + len(images),
                        cost=replace(self.cost, mixtures=self.cost.mixtures + int(queries)))
 
-    def _with_hard_labels(self, images: np.ndarray, labels: np.ndarray) -> TransferSet:
-        """This set plus rows with a hard label only (NaN soft logits); the caller says what they are."""
+    def _with_hard_labels(self, images: np.ndarray | LazyRows, labels: np.ndarray) -> TransferSet:
+        """This set plus rows with a hard label only (NaN soft logits); the caller says what they are. Images built
+        when indexed (mixtures) are stacked, not copied."""
         if images.shape[1:] != self.images.shape[1:] or len(images) != len(labels):
             raise DataError(f"expected images shaped {self.images.shape[1:]} with one label each, got {images.shape} "
                             f"and {len(labels)} labels")
         logits = self.logits
         if logits is not None:
             logits = np.concatenate([logits, np.full((len(images), logits.shape[1]), np.nan, dtype=np.float32)])
-        return replace(self, images=np.concatenate([self.images, images]),
-                       labels=np.concatenate([self.labels, labels.astype(np.int64)]), logits=logits)
+        parts = [self.images, images]
+        stacked = RowStack(parts) if any(isinstance(p, LazyRows) for p in parts) else np.concatenate(parts)
+        return replace(self, images=stacked, labels=np.concatenate([self.labels, labels.astype(np.int64)]),
+                       logits=logits)
 
     def description(self) -> dict:
         """What a student's metrics.json records about its transfer set (the report's transfer column)."""

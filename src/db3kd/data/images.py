@@ -21,6 +21,8 @@ import numpy as np
 
 from db3kd.errors import ConfigError, DataError
 
+from .rows import row_indices
+
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RESIZE = ("crop", "pad")
 _CHUNK_BYTES = 64 << 20  # images decoded, written or read at once: ~64 MB whatever their size
@@ -104,17 +106,12 @@ class ImageStore:
         return ImageStore(self.path, self.transform, self.start, self.start + min(n, len(self)))
 
     def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            first, last, step = key.indices(len(self))
-            if step == 1:
-                return self.transform.scale(self._read(first, max(last - first, 0)))
-            key = np.arange(first, last, step)
-        rows = np.asarray(key.numpy() if hasattr(key, "numpy") else key)
+        if isinstance(key, slice) and key.step in (None, 1):
+            first, last, _ = key.indices(len(self))
+            return self.transform.scale(self._read(first, max(last - first, 0)))
+        rows = row_indices(key, len(self))
         if rows.ndim == 0:
             return self[rows.reshape(1)][0]
-        rows = np.where(rows < 0, rows + len(self), rows)
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
-            raise IndexError(f"rows out of range for {len(self)} images")
         unique, back = np.unique(rows, return_inverse=True)
         out = np.empty((len(unique), *self.transform.input_shape), dtype=np.uint8)
         with open(self.path, "rb") as f:

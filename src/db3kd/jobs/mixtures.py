@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import integer, number
+from ..data.rows import LazyRows, RowStack
 from ..errors import ConfigError, DataError
 from ..executors import Executor
 from ..io import load_json, load_npz, save_npz, write_json
@@ -187,6 +188,19 @@ def mixture_images(x: np.ndarray, recipes: dict[str, np.ndarray], bounds: tuple[
     return out.astype(np.float32)
 
 
+class MixtureImages(LazyRows):
+    """The (n, C, H, W) images of stored mixtures, rebuilt from their recipes when indexed (`db3kd.data.rows`):
+    in memory, a mixture is its recipe (about 130 bytes on 28x28 masked, against 3 KB as an image), so the
+    millions a large budget buys train a batch at a time."""
+
+    def __init__(self, pool: np.ndarray, recipes: dict[str, np.ndarray], bounds: tuple[float, float]):
+        self.pool, self.recipes, self.bounds = pool, recipes, bounds
+        self.shape = (len(recipes["first"]), *pool.shape[1:])
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        return mixture_images(self.pool, {k: v[indices] for k, v in self.recipes.items()}, self.bounds)
+
+
 @dataclass
 class MixtureJob(ShardedJob):
     """Draws and labels one round's mixtures shard by shard (a `db3kd.jobs.runner.ShardedJob`; a shard may run on
@@ -279,9 +293,9 @@ def label_mixtures(oracle: LabelOracle, pseudo_x: np.ndarray, config: MixtureCon
         raise ConfigError(f"mixtures in {config.rounds} rounds need a selector student to choose them")
     out = Path(out_dir)
 
-    def earlier(r: int) -> tuple[np.ndarray, np.ndarray]:
+    def earlier(r: int) -> tuple[RowStack, np.ndarray]:
         parts = [read_mixtures(out / f"round{k}", pseudo_x)[:2] for k in range(1, r)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        return RowStack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     rounds = []
     for r in range(1, config.rounds + 1):
@@ -311,7 +325,8 @@ def load_mixtures(synthesis_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndar
 
 def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: str = "the pseudo samples given",
                   remake: str = "label them again") -> tuple[np.ndarray, np.ndarray, dict]:
-    """Images (rebuilt from `pseudo_x`), labels and manifest of the mixtures `label_mixtures` wrote to `directory`.
+    """Images (`MixtureImages`: rebuilt from `pseudo_x` when indexed), labels and manifest of the mixtures
+    `label_mixtures` wrote to `directory`.
 
     Refused (DataError) if missing or made from other pseudo samples; `source` names `pseudo_x` and `remake`
     says how to make them (again), in those messages.
@@ -323,9 +338,4 @@ def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: st
         raise DataError(f"the mixtures in {directory} were made from other pseudo samples than {source}; "
                         f"delete that directory and {remake}")
     recipes = {k: arrays[k] for k in RECIPE_KEYS} | {k: arrays[k] for k in OPTIONAL_KEYS if k in arrays}
-    labels = arrays["labels"].astype(np.int64)
-    images = np.empty((len(labels), *pseudo_x.shape[1:]), dtype=np.float32)
-    for i in range(0, len(labels), 10_000):  # chunked: no second full-size copy
-        images[i:i + 10_000] = mixture_images(pseudo_x, {k: v[i:i + 10_000] for k, v in recipes.items()},
-                                              tuple(fingerprint["bounds"]))
-    return images, labels, manifest
+    return MixtureImages(pseudo_x, recipes, tuple(fingerprint["bounds"])), arrays["labels"].astype(np.int64), manifest
