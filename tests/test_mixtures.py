@@ -231,6 +231,34 @@ def test_mixtures_in_rounds_train_each_selector_on_the_rounds_before_and_are_mer
         label_mixtures(again, x, config, out / "other", {}, progress=False)
 
 
+def test_a_budget_short_of_all_rounds_is_refused_before_round_1(digits_teacher, synthesis_dir):
+    """The rounds' cost is known: round 1 is not bought when round 2 could not be; a resumed run needs only what
+    is left (round 1 finished, one shard of round 2 written)."""
+    out, x = synthesis_dir
+    config = MixtureConfig(count=200, rounds=2, pool=2, shard_size=40)
+    short = open_oracle(digits_teacher, budget=150)
+    with pytest.raises(BudgetExceededError, match=r"needs 200 more \(150 left\).*2 rounds of mixtures still need 200"):
+        label_mixtures(short, x, config, out / "mixtures", {}, progress=False, selector=lambda r, _: _scorer(r))
+    assert short.queries == 0 and not (out / "mixtures" / "round1").exists()
+    original, calls = MixtureJob.__call__, []
+
+    def interrupted(self, oracle, shard):  # stops in round 2's second shard
+        calls.append((self.round, shard))
+        if calls[-1] == (2, 1):
+            raise KeyboardInterrupt
+        return original(self, oracle, shard)
+
+    first = open_oracle(digits_teacher)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MixtureJob, "__call__", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            label_mixtures(first, x, config, out / "mixtures", {}, progress=False, selector=lambda r, _: _scorer(r))
+    assert first.queries == 140  # round 1's 100 and one shard of round 2
+    exact = open_oracle(digits_teacher, budget=60)
+    manifest = label_mixtures(exact, x, config, out / "mixtures", {}, progress=False, selector=lambda r, _: _scorer(r))
+    assert exact.queries == 60 and manifest["count"] == 200
+
+
 def test_an_interrupted_run_resumes_to_the_same_mixtures(digits_teacher, synthesis_dir, tmp_path):
     out, x = synthesis_dir
     config = MixtureConfig(count=700, shard_size=300, seed=3)

@@ -58,6 +58,12 @@ class ShardStore:
     def path(self, shard: int) -> Path:
         return self.shard_dir / f"{shard:05d}.npz"
 
+    @staticmethod
+    def written(root: str | os.PathLike) -> set[int]:
+        """The shards written under `root` so far, read without opening the store (its fingerprint is checked
+        when it is opened to compute the rest)."""
+        return {int(p.stem) for p in (Path(root) / "shards").glob("[0-9]*.npz")}
+
     def done(self, shard: int) -> bool:
         return self.path(shard).exists()
 

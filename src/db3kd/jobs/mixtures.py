@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 from ..checks import integer, number
 from ..data.rows import LazyRows, RowStack
-from ..errors import ConfigError, DataError
+from ..errors import BudgetExceededError, ConfigError, DataError
 from ..executors import Executor
 from ..io import load_json, load_npz, save_npz, write_json
 from ..oracle import LabelOracle
+from ..shards import ShardStore
 from ..training import probabilities, torch_threads
 from .runner import MANIFEST, ShardedJob, run_job
 from .selection import margins
@@ -112,6 +113,11 @@ class MixtureConfig:
         """Mixtures labelled in each round (the count shared evenly, the first rounds taking the remainder)."""
         share, extra = divmod(self.count, self.rounds)
         return [share + (r < extra) for r in range(self.rounds)]
+
+    def shard_sizes(self, round: int = 1) -> list[int]:
+        """Mixtures in each shard of round `round` (1-based)."""
+        count, size = self.round_counts()[round - 1], self.shard_size
+        return [min(size, count - start) for start in range(0, count, size)]
 
 
 # What a budget's `mixture_options` may set: how mixtures look and in how many rounds they are chosen, not how
@@ -228,8 +234,7 @@ class MixtureJob(ShardedJob):
         return found
 
     def shard_sizes(self) -> list[int]:
-        count, size = self.config.round_counts()[self.round - 1], self.config.shard_size
-        return [min(size, count - start) for start in range(0, count, size)]
+        return self.config.shard_sizes(self.round)
 
     def known_cost(self, shards: list[int]) -> int:
         sizes = self.shard_sizes()
@@ -297,6 +302,14 @@ def label_mixtures(oracle: LabelOracle, pseudo_x: np.ndarray, config: MixtureCon
         parts = [read_mixtures(out / f"round{k}", pseudo_x)[:2] for k in range(1, r)]
         return RowStack([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
+    # Every round's cost is known (one query a mixture): a budget short of what the rounds still need is refused
+    # before round 1 sends anything, not when round 2 finds it short.
+    need = sum(n for r in range(1, config.rounds + 1)
+               for s, n in enumerate(config.shard_sizes(r)) if s not in ShardStore.written(out / f"round{r}"))
+    if oracle.remaining is not None and need > oracle.remaining:
+        raise BudgetExceededError(oracle.queries, oracle.budget, need, advice=(
+            f"The {config.rounds} rounds of mixtures still need {need:,} queries, known in advance: nothing was sent "
+            "for them. Raise the budget, or ask for fewer mixtures."))
     rounds = []
     for r in range(1, config.rounds + 1):
         scorer = None if r == 1 else selector(r, functools.partial(earlier, r))
