@@ -347,7 +347,10 @@ def test_stored_mixtures_are_rebuilt_only_when_indexed(digits_teacher, synthesis
     assert images.shape == (60_000, 1, 8, 8) and peak < 60_000 * 64 * 4 / 2  # the images alone would take 15 MB
     whole = np.asarray(images)
     rows = np.array([59_999, 3, 3, 31_000])
-    np.testing.assert_array_equal(images[rows], whole[rows])
+    stored = np.load(out / "mixtures" / "mixtures.npz")
+    recipes = {k: stored[k][rows] for k in stored.files if k != "labels"}
+    np.testing.assert_array_equal(images[rows], mixture_images(x, recipes, (0.0, 1.0)))
+    np.testing.assert_array_equal(whole[rows], images[rows])
     np.testing.assert_array_equal(images[10:20], whole[10:20])
     np.testing.assert_array_equal(open_oracle(digits_teacher).labels(images[:500]), labels[:500])
     base = TransferSet(x, np.arange(20) % 10, None, TransferCost(), "synthesized")

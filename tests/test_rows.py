@@ -9,7 +9,7 @@ import torch
 
 from db3kd.data.rows import RowStack, row_indices
 from db3kd.models import build_model
-from db3kd.training import TrainConfig, train_classifier
+from db3kd.training import TrainConfig, predict, train_classifier
 
 
 def _parts(seed=0):
@@ -40,16 +40,26 @@ def test_out_of_range_rows_and_mixed_shapes_are_refused():
         stack[np.array([0.5])]
     with pytest.raises(ValueError, match="one shape"):
         RowStack([np.zeros((2, 1, 4, 4), np.float32), np.zeros((2, 3, 4, 4), np.float32)])
-    assert row_indices(slice(3, None), 5).tolist() == [3, 4]
+    with pytest.raises(IndexError, match="not a tuple"):
+        stack[1, 2]
+    assert row_indices(slice(3, None), 5).tolist() == [3, 4] and stack[[]].shape == (0, 1, 4, 4)
+
+
+class _NeverWhole(RowStack):
+    """A stack that fails if anything builds it whole."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise AssertionError("built whole")
 
 
 def test_training_on_a_stack_is_training_on_its_array():
-    """A lazily indexed set gives the same weights, hold-out and history as the array it stands for."""
+    """A lazily indexed set gives the same weights, hold-out and history as the array it stands for, and is never
+    built whole (training, hold-out, fingerprint and predictions index it)."""
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 1000)
     x = rng.uniform(0, 0.5, (1000, 1, 28, 28)).astype(np.float32)
     x[y == 1, :, :, :14] += 0.5
-    stack = RowStack([x[:800], x[800:]])
+    stack = _NeverWhole([x[:800], x[800:]])
     torch.manual_seed(0)
     a = build_model("lenet5-half", (1, 28, 28), 2)
     b = build_model("lenet5-half", (1, 28, 28), 2)
@@ -59,3 +69,4 @@ def test_training_on_a_stack_is_training_on_its_array():
     assert results[0].plan.holdout == 80
     assert [h["holdout_agreement"] for h in results[0].history] == [h["holdout_agreement"] for h in results[1].history]
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    np.testing.assert_array_equal(predict(b, stack, batch_size=300), predict(a, x))

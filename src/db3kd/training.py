@@ -186,8 +186,9 @@ def probabilities(model: torch.nn.Module, x: np.ndarray | torch.Tensor, batch_si
 def _batched(model: torch.nn.Module, x, batch_size: int, head, empty: np.ndarray) -> np.ndarray:
     model.eval()
     device = next(model.parameters()).device
-    x = torch.as_tensor(x)
-    out = [head(model(x[i:i + batch_size].to(device))).cpu() for i in range(0, len(x), batch_size)]
+    if not getattr(x, "lazy", False):  # an array or tensor: one conversion; rows built when indexed: a batch at a time
+        x = torch.as_tensor(x)
+    out = [head(model(torch.as_tensor(x[i:i + batch_size]).to(device))).cpu() for i in range(0, len(x), batch_size)]
     return torch.cat(out).numpy() if out else empty
 
 

@@ -94,7 +94,8 @@ class TransferSet:
         logits = self.logits
         if logits is not None:
             logits = np.concatenate([logits, np.full((len(images), logits.shape[1]), np.nan, dtype=np.float32)])
-        parts = [self.images, images]
+        # Other array-likes (an ImageStore of a folder) are read once, not a batch at a time from disk.
+        parts = [p if isinstance(p, LazyRows) else np.asarray(p) for p in (self.images, images)]
         stacked = RowStack(parts) if any(isinstance(p, LazyRows) for p in parts) else np.concatenate(parts)
         return replace(self, images=stacked, labels=np.concatenate([self.labels, labels.astype(np.int64)]),
                        logits=logits)

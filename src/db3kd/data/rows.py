@@ -21,7 +21,11 @@ def row_indices(key, n: int) -> np.ndarray:
     if any is out of range."""
     if isinstance(key, slice):
         return np.arange(*key.indices(n), dtype=np.int64)
+    if isinstance(key, tuple):
+        raise IndexError("expected rows (an int, a slice or an array of ints), not a tuple: index the rows first")
     rows = np.asarray(key.numpy() if hasattr(key, "numpy") else key)
+    if rows.size == 0:
+        rows = rows.astype(np.int64)  # [] is float64 to NumPy
     if rows.dtype.kind not in "iu":
         raise IndexError(f"expected integer rows, got {rows.dtype}")
     rows = np.where(rows < 0, rows + n, rows).astype(np.int64)
@@ -61,7 +65,9 @@ class LazyRows:
         out = np.empty(self.shape, dtype=np.float32)
         for first, chunk in self.chunks():  # chunked: no second full-size copy
             out[first:first + len(chunk)] = chunk
-        return out if dtype is None else out.astype(dtype)
+        if copy is False:
+            raise ValueError("images built on demand cannot be viewed without a copy")
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 class RowStack(LazyRows):

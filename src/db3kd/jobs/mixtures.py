@@ -275,7 +275,7 @@ class MixtureJob(ShardedJob):
 
 # selector(round, earlier) -> the student choosing round `round`'s mixtures; `earlier()` gives the images and
 # labels of the mixtures before it (rebuilt only when called: a finished selector need not see them again).
-Selector = Callable[[int, Callable[[], tuple[np.ndarray, np.ndarray]]], torch.nn.Module]
+Selector = Callable[[int, Callable[[], tuple[RowStack, np.ndarray]]], torch.nn.Module]
 SUMMED = ("total_queries", "queries_sent", "queries_discarded", "queries_unconfirmed", "attempts_discarded", "shards",
           "seconds", "cost_usd", "sent_usd")  # a manifest's figures that add up over the rounds
 
@@ -327,8 +327,9 @@ def label_mixtures(oracle: LabelOracle, pseudo_x: np.ndarray, config: MixtureCon
     return manifest
 
 
-def load_mixtures(synthesis_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Images (rebuilt), labels and manifest of the mixtures of a `db3kd synthesize --mixtures N` directory."""
+def load_mixtures(synthesis_dir: str | os.PathLike) -> tuple[MixtureImages, np.ndarray, dict]:
+    """Images (`MixtureImages`, rebuilt when indexed; `np.asarray` for an array), labels and manifest of the
+    mixtures of a `db3kd synthesize --mixtures N` directory."""
     from .synthesis import load_pseudo_samples
 
     pseudo_x, _, _ = load_pseudo_samples(synthesis_dir)
@@ -337,7 +338,7 @@ def load_mixtures(synthesis_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndar
 
 
 def read_mixtures(directory: str | os.PathLike, pseudo_x: np.ndarray, source: str = "the pseudo samples given",
-                  remake: str = "label them again") -> tuple[np.ndarray, np.ndarray, dict]:
+                  remake: str = "label them again") -> tuple[MixtureImages, np.ndarray, dict]:
     """Images (`MixtureImages`: rebuilt from `pseudo_x` when indexed), labels and manifest of the mixtures
     `label_mixtures` wrote to `directory`.
 
