@@ -62,11 +62,11 @@ class LazyRows:
             yield first, self.rows(np.arange(first, min(first + size, len(self))))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("images built on demand cannot be viewed without a copy")
         out = np.empty(self.shape, dtype=np.float32)
         for first, chunk in self.chunks():  # chunked: no second full-size copy
             out[first:first + len(chunk)] = chunk
-        if copy is False:
-            raise ValueError("images built on demand cannot be viewed without a copy")
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
